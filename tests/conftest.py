@@ -1,0 +1,101 @@
+"""Tiny models built from configs (no downloads) and helpers shared by the tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import tucker_peft
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def tiny_bert(num_labels: int = 2):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=120,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+    )
+    return BertForSequenceClassification(cfg).eval()
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=120, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    ).eval()
+
+
+def unet_inputs(batch: int = 2):
+    g = torch.Generator().manual_seed(1)
+    return (
+        torch.randn(batch, 4, 8, 8, generator=g),
+        torch.tensor([10, 500][:batch]),
+        torch.randn(batch, 5, 24, generator=g),
+    )
+
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2", "time_emb_proj", "ff.net.2"]
+
+
+@torch.no_grad()
+def randomize_adapter(model, adapter_name: str = "default", seed: int = 0, vary_ranks: bool = True) -> dict:
+    """Give every Tucker layer a random non-zero core and (if ``vary_ranks``) a different rank per layer/mode.
+
+    Returns the new ranks.  Used to test forward, merging and save/load away from the zero-core init.
+    """
+    g = torch.Generator().manual_seed(seed)
+    ranks = {}
+    for i, (name, layer) in enumerate(tucker_peft.iter_tucker_layers(model, adapter_name)):
+        factors = layer.factors(adapter_name)
+        core = layer.core(adapter_name)
+        new_ranks = []
+        for j, u in enumerate(factors):
+            r = u.shape[1]
+            new_ranks.append(max(1, r - (i + j) % r) if vary_ranks else r)
+        dense = tuple(core.shape[len(factors) :])
+        new_ranks = tucker_peft.tensor_ops.valid_tucker_ranks(new_ranks, dense)
+        new_factors = [u[:, :r].clone() for u, r in zip(factors, new_ranks)]
+        new_core = torch.randn(*new_ranks, *dense, generator=g) * 0.3
+        layer.set_factors(adapter_name, new_core, new_factors)
+        ranks[name] = tuple(new_ranks)
+    return ranks
+
+
+def run_fresh_python(code: str, cwd) -> str:
+    """Run ``code`` in a new Python process (nothing imported yet) and return its stdout; fail with its stderr."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONHASHSEED="0")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        pytest.fail(f"fresh process failed:\n{proc.stderr[-4000:]}")
+    return proc.stdout

@@ -1,0 +1,284 @@
+"""Adapter layers: init, factored forward vs dense reconstruction, merging, dtypes, scale hooks, adapters."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import get_peft_model
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from tucker_peft import Conv, Linear, TuckerLoraConfig, adapter_parameter_count, current_ranks
+from tucker_peft.tensor_ops import tucker_to_tensor
+
+from .conftest import randomize_adapter
+
+
+class Net(nn.Module):
+    """One layer of the type under test, wrapped so that PEFT can target it by name."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def _layer_cases():
+    torch.manual_seed(0)
+    return {
+        "linear": (nn.Linear(12, 10), (3, 5, 12)),
+        "conv1d_gpt2": (Conv1D(10, 12), (3, 5, 12)),
+        "conv1d": (nn.Conv1d(6, 8, 3, stride=2, padding=1), (2, 6, 11)),
+        "conv2d": (nn.Conv2d(6, 8, 3, padding=1), (2, 6, 7, 7)),
+        "conv2d_stride_dil": (nn.Conv2d(6, 8, (3, 2), stride=(2, 1), padding=(2, 1), dilation=(2, 1)), (2, 6, 9, 8)),
+        "conv2d_same_reflect": (nn.Conv2d(5, 7, 3, padding="same", padding_mode="reflect"), (2, 5, 6, 6)),
+        "conv3d": (nn.Conv3d(4, 6, 3, padding=1, stride=(1, 2, 1)), (2, 4, 5, 6, 5)),
+    }
+
+
+CASES = list(_layer_cases())
+CONV_CASES = [c for c in CASES if c.startswith("conv") and c != "conv1d_gpt2"]
+
+
+def _adapted(case: str, conv_mode: str = "channels", init_weights: bool = True, r: int = 3):
+    layer, shape = _layer_cases()[case]
+    base = Net(layer)
+    model = get_peft_model(
+        copy.deepcopy(base), TuckerLoraConfig(target_modules=["layer"], r=r, conv_mode=conv_mode, init_weights=init_weights, alpha=6.0)
+    )
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+    return base, model, x
+
+
+def _dense_reference(base_layer: nn.Module, tucker, x: torch.Tensor) -> torch.Tensor:
+    """``base(x) + F.linear/F.convNd(x, s * C x_i U_i)`` with the dense delta built independently in fp64."""
+    core = tucker.core("default").double()
+    factors = [u.double() for u in tucker.factors("default")]
+    # independent dense reconstruction with einsum (not the library's mode products)
+    letters = "abcde"
+    if len(factors) == 2:
+        spec = f"ij{'xyz'[: core.dim() - 2]},Ai,Bj->AB{'xyz'[: core.dim() - 2]}"
+    else:
+        spec = f"{letters[: core.dim()]}," + ",".join(f"{c.upper()}{c}" for c in letters[: core.dim()])
+        spec += "->" + letters[: core.dim()].upper()
+    delta = torch.einsum(spec, core, *factors) * tucker.scaling["default"]
+    xd = x.double()
+    if isinstance(base_layer, Conv1D):
+        return base_layer(x).double() + F.linear(xd, delta)
+    if isinstance(base_layer, nn.Linear):
+        return base_layer(x).double() + F.linear(xd, delta)
+    conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[x.dim()]
+    padded = xd
+    padding = base_layer.padding
+    if base_layer.padding_mode != "zeros":
+        padded = F.pad(xd, base_layer._reversed_padding_repeated_twice, mode=base_layer.padding_mode)
+        padding = 0
+    elif isinstance(padding, str):
+        padded = F.pad(xd, base_layer._reversed_padding_repeated_twice)
+        padding = 0
+    return base_layer(x).double() + conv(padded, delta, None, base_layer.stride, padding, base_layer.dilation)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_output_at_init_equals_base(case):
+    base, model, x = _adapted(case)
+    tucker = model.base_model.model.layer
+    assert isinstance(tucker, (Linear, Conv))
+    assert torch.count_nonzero(tucker.core("default")) == 0
+    torch.testing.assert_close(model(x), base(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_factors_orthonormal_at_init(case):
+    _, model, _ = _adapted(case, conv_mode="full")
+    for u in model.base_model.model.layer.factors("default"):
+        torch.testing.assert_close(u.T @ u, torch.eye(u.shape[1]), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("conv_mode", ["channels", "full"])
+@pytest.mark.parametrize("case", CASES)
+def test_forward_equals_dense_reconstruction(case, conv_mode):
+    base, model, x = _adapted(case, conv_mode=conv_mode, init_weights=False)
+    tucker = model.base_model.model.layer
+    randomize_adapter(model, seed=1)  # unequal ranks per mode where the layer allows it
+    out = model(x)
+    assert (out - base(x)).abs().max() > 1e-2  # the adapter really contributes
+    torch.testing.assert_close(out.double(), _dense_reference(tucker.get_base_layer(), tucker, x), atol=1e-5, rtol=1e-5)
+
+
+def test_conv_mode_shapes():
+    _, model, _ = _adapted("conv2d", conv_mode="channels", r=3)
+    t = model.base_model.model.layer
+    assert t.ranks("default") == (3, 3) and tuple(t.core("default").shape) == (3, 3, 3, 3)
+    _, model, _ = _adapted("conv2d", conv_mode="full", r=3)
+    t = model.base_model.model.layer
+    assert t.ranks("default") == (3, 3, 3, 3) and [tuple(u.shape) for u in t.factors("default")] == [
+        (8, 3),
+        (6, 3),
+        (3, 3),
+        (3, 3),
+    ]
+    # the (3, 2) window of conv2d_stride_dil clips the window rank to 2
+    _, model, _ = _adapted("conv2d_stride_dil", conv_mode="full", r=3)
+    assert model.base_model.model.layer.ranks("default") == (3, 3, 3, 2)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_merge_unmerge_and_merge_and_unload(case):
+    base, model, x = _adapted(case, init_weights=False)
+    tucker = model.base_model.model.layer
+    w0 = tucker.get_base_layer().weight.detach().clone()
+    with torch.no_grad():
+        unmerged = model(x)
+        model.merge_adapter()
+        assert tucker.merged
+        torch.testing.assert_close(model(x), unmerged, atol=1e-5, rtol=1e-5)
+        model.unmerge_adapter()
+        torch.testing.assert_close(tucker.get_base_layer().weight, w0, atol=1e-6, rtol=0)
+        torch.testing.assert_close(model(x), unmerged, atol=1e-6, rtol=0)
+        merged_model = model.merge_and_unload()
+    assert type(merged_model.layer) is type(base.layer)  # a plain module again
+    with torch.no_grad():
+        torch.testing.assert_close(merged_model(x), unmerged, atol=1e-5, rtol=1e-5)
+        delta = tucker_to_tensor(tucker.core("default"), tucker.factors("default")) * tucker.scaling["default"]
+        if isinstance(base.layer, Conv1D):
+            delta = delta.T
+        torch.testing.assert_close(merged_model.layer.weight - w0, delta, atol=1e-6, rtol=1e-5)
+
+
+def test_disable_adapter_gives_base_output():
+    base, model, x = _adapted("conv2d", init_weights=False)
+    with torch.no_grad():
+        adapted = model(x)
+        with model.disable_adapter():
+            torch.testing.assert_close(model(x), base(x), atol=0, rtol=0)
+        torch.testing.assert_close(model(x), adapted, atol=0, rtol=0)
+
+
+def test_set_factors_resizes_in_place_and_keeps_parameter_identity():
+    _, model, x = _adapted("linear", r=4)
+    tucker = model.base_model.model.layer
+    params = [tucker.core("default"), *tucker.factors("default")]
+    ids = [id(p) for p in params]
+    model(x).sum().backward()
+    assert all(p.grad is not None for p in params)
+    u0, u1 = tucker.factors("default")
+    tucker.set_factors("default", torch.ones(2, 2), [u0[:, :2].detach(), u1[:, :2].detach()])
+    assert [id(p) for p in [tucker.core("default"), *tucker.factors("default")]] == ids
+    assert tucker.ranks("default") == (2, 2)
+    assert all(p.grad is None for p in params)
+    assert dict(model.named_parameters())["base_model.model.layer.tucker_core.default"].shape == (2, 2)
+    with pytest.raises(ValueError, match="does not match"):
+        tucker.set_factors("default", torch.ones(3, 2), [u0[:, :2].detach(), u1[:, :2].detach()])
+    with pytest.raises(ValueError, match="does not fit mode size"):
+        tucker.set_factors("default", torch.ones(2, 2), [u0[:5, :2].detach(), u1[:, :2].detach()])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_base_keeps_fp32_factors(dtype):
+    torch.manual_seed(0)
+    base = Net(nn.Linear(16, 12)).to(dtype)
+    model = get_peft_model(copy.deepcopy(base), TuckerLoraConfig(target_modules=["layer"], r=4, init_weights=False))
+    tucker = model.base_model.model.layer
+    assert tucker.get_base_layer().weight.dtype == dtype
+    assert all(p.dtype == torch.float32 for p in [tucker.core("default"), *tucker.factors("default")])
+    for u in tucker.factors("default"):  # orthonormal to fp32 precision, not to half precision
+        torch.testing.assert_close(u.T @ u, torch.eye(u.shape[1]), atol=1e-6, rtol=0)
+    x = torch.randn(4, 16).to(dtype)
+    out = model(x)
+    assert out.dtype == dtype
+    ref = base(x).float() + x.float() @ tucker.get_delta_weight("default").T
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+    out.float().sum().backward()
+    assert tucker.core("default").grad.dtype == torch.float32 and torch.isfinite(tucker.core("default").grad).all()
+    # autocast on an fp32 model
+    model32 = get_peft_model(Net(nn.Linear(16, 12)), TuckerLoraConfig(target_modules=["layer"], r=4, init_weights=False))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model32(torch.randn(4, 16))
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert model32.base_model.model.layer.core("default").grad.dtype == torch.float32
+
+
+def test_merge_on_half_precision_base():
+    torch.manual_seed(0)
+    model = get_peft_model(Net(nn.Linear(16, 12)).to(torch.bfloat16), TuckerLoraConfig(target_modules=["layer"], init_weights=False))
+    x = torch.randn(4, 16).to(torch.bfloat16)
+    with torch.no_grad():
+        out = model(x)
+        merged = model.merge_and_unload()
+        assert merged.layer.weight.dtype == torch.bfloat16
+        torch.testing.assert_close(merged(x).float(), out.float(), atol=5e-2, rtol=5e-2)
+
+
+def test_scale_hooks_follow_lora_semantics():
+    base, model, x = _adapted("linear", init_weights=False)
+    tucker = model.base_model.model.layer
+    s0 = tucker.scaling["default"]
+    assert s0 == pytest.approx(6.0 / 3)
+    with torch.no_grad():
+        delta = model(x) - base(x)
+        tucker.scale_layer(0.5)
+        torch.testing.assert_close(model(x) - base(x), 0.5 * delta, atol=1e-5, rtol=1e-5)
+        tucker.unscale_layer(0.5)
+        assert tucker.scaling["default"] == pytest.approx(s0)
+        tucker.set_scale("default", 0.0)
+        torch.testing.assert_close(model(x), base(x))
+        tucker.unscale_layer()
+        assert tucker.scaling["default"] == pytest.approx(s0)
+        # fuse with a weight: merge after scale_layer, like diffusers' fuse_lora(lora_scale=0.3)
+        tucker.scale_layer(0.3)
+        model.merge_adapter()
+        tucker.unscale_layer(0.3)
+        torch.testing.assert_close(tucker.get_base_layer()(x) - base(x), 0.3 * delta, atol=1e-5, rtol=1e-5)
+
+
+def test_scale_fixed_by_initial_rank_not_current_rank():
+    _, model, _ = _adapted("linear", r=4)
+    tucker = model.base_model.model.layer
+    u0, u1 = tucker.factors("default")
+    tucker.set_factors("default", torch.zeros(2, 2), [u0[:, :2].detach(), u1[:, :2].detach()])
+    assert tucker.scaling["default"] == pytest.approx(6.0 / 4)
+
+
+def test_multiple_adapters_add_switch_delete():
+    torch.manual_seed(0)
+    base = Net(nn.Linear(12, 10))
+    x = torch.randn(3, 12)
+    model = get_peft_model(copy.deepcopy(base), TuckerLoraConfig(target_modules=["layer"], r=3, init_weights=False))
+    model.add_adapter("other", TuckerLoraConfig(target_modules=["layer"], r=2, init_weights=False))
+    tucker = model.base_model.model.layer
+    with torch.no_grad():
+        y_default = model(x)
+        model.set_adapter("other")
+        y_other = model(x)
+        assert not torch.allclose(y_default, y_other)
+        ref = base(x) + x @ tucker.get_delta_weight("other").T
+        torch.testing.assert_close(y_other, ref, atol=1e-5, rtol=1e-5)
+    assert tucker.ranks("other") == (2, 2)
+    # only the active adapter trains
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(".other" in n for n in trainable) and not any(".default" in n for n in trainable)
+    model.delete_adapter("default")
+    assert "default" not in tucker.tucker_core and "default" not in tucker.scaling
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), y_other)
+
+
+def test_print_trainable_parameters_matches_hand_count(capsys):
+    from .conftest import tiny_bert
+
+    model = get_peft_model(tiny_bert(), TuckerLoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value", "intermediate.dense"]))
+    trainable, total = model.get_nb_trainable_parameters()
+    # hand count: per layer, r*n_out + r*n_in + r*r; hidden 32, intermediate 48, 2 layers; classifier 32*2+2
+    per_layer = (4 * 32 + 4 * 32 + 16) * 2 + (4 * 48 + 4 * 32 + 16)
+    assert trainable == 2 * per_layer + (32 * 2 + 2)
+    assert adapter_parameter_count(model) == 2 * per_layer
+    model.print_trainable_parameters()
+    assert f"trainable params: {trainable:,}" in capsys.readouterr().out
+    assert set(current_ranks(model).values()) == {(4, 4)}

@@ -1,0 +1,29 @@
+"""tucker-peft: rank-adaptive Tucker adapters (TDLRT) as a Hugging Face PEFT method.
+
+Importing this package registers the method with PEFT (``PeftType.TUCKER``), so that ``get_peft_model``,
+``PeftModel.from_pretrained``, ``inject_adapter_in_model`` and diffusers' ``add_adapter`` accept a
+:class:`TuckerLoraConfig`.  Import it before loading a saved Tucker adapter.
+"""
+
+from . import model_card
+from ._registry import TUCKER_PEFT_TYPE, register
+from .config import TuckerLoraConfig
+from .layer import Conv, Linear, TuckerLayer
+from .model import TuckerLoraModel, adapter_parameter_count, current_ranks, iter_tucker_layers
+
+register(TuckerLoraConfig, TuckerLoraModel)
+model_card.install()
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TUCKER_PEFT_TYPE",
+    "Conv",
+    "Linear",
+    "TuckerLayer",
+    "TuckerLoraConfig",
+    "TuckerLoraModel",
+    "adapter_parameter_count",
+    "current_ranks",
+    "iter_tucker_layers",
+]

@@ -1,0 +1,148 @@
+"""``TuckerLoraConfig``: the PEFT configuration of a Tucker-factorized, rank-adaptive adapter."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from ._registry import TUCKER_PEFT_TYPE
+
+CONV_MODES = ("channels", "full")
+
+
+@dataclass
+class TuckerLoraConfig(PeftConfig):
+    """Configuration of a [`TuckerLoraModel`]: adapters ``W = W0 + s * C x_1 U_1 ... x_d U_d`` (ALGORITHM.md §1).
+
+    Each targeted layer gets orthonormal factors ``U_i`` (one per factorized mode) and a core ``C`` that starts at
+    zero, so the model is unchanged at creation.  The scale ``s = alpha / r`` is fixed when the adapter is created
+    (``r`` from ``rank_pattern`` or ``r``) and never changes when ranks adapt during training.
+
+    Modes: ``nn.Linear`` and transformers' ``Conv1D`` have modes (out, in).  Convolutions factorize (out, in) and
+    keep the kernel window dense inside the core (``conv_mode="channels"``), or factorize the window modes too
+    (``conv_mode="full"``).
+
+    ``module_ranks`` records the current per-mode ranks of every adapted module.  It is filled in when the adapter
+    is saved, so that loading rebuilds exactly the saved shapes; users normally leave it empty.
+    """
+
+    r: int = field(default=8, metadata={"help": "Initial rank of every factorized mode (clipped to the layer size)."})
+    max_rank: int = field(
+        default=32, metadata={"help": "Largest rank a mode may reach when ranks adapt during training (>= r)."}
+    )
+    min_rank: int = field(default=1, metadata={"help": "Smallest rank a mode may be truncated to (1 <= min_rank <= r)."})
+    tau: float = field(
+        default=0.1,
+        metadata={
+            "help": "Relative truncation tolerance in [0, 1): after each update the discarded singular values of every "
+            "mode have norm <= tau * ||core||. 0 never truncates anything that matters."
+        },
+    )
+    alpha: float = field(
+        default=8.0,
+        metadata={"help": "Scale numerator: the adapter is scaled by alpha / r, fixed at creation (> 0)."},
+    )
+    dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the adapter input, in [0, 1)."})
+    conv_mode: Literal["channels", "full"] = field(
+        default="channels",
+        metadata={
+            "help": "How convolutions are factorized: 'channels' (Tucker on out/in channels, dense kernel window in "
+            "the core) or 'full' (the window modes are factorized too)."
+        },
+    )
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Module names (exact or suffix match) or a regex of the modules to adapt, e.g. ['query', 'value'] "
+            "or 'all-linear'. If None, a default is chosen from the model architecture."
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or a regex of modules never to adapt."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only adapt the layers with these indices (needs list target_modules)."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Name of the nn.ModuleList holding the layers, used with layers_to_transform ('layers', 'h')."},
+    )
+    rank_pattern: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": "Initial rank per module name or regex, overriding r (like LoRA's rank_pattern); the module's "
+            "scale is alpha / that rank. Example: {'^encoder.layer.0.attention.self.query': 4}."
+        },
+    )
+    module_ranks: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": "Current per-mode ranks per adapted module (full module name -> list of ints). Written by "
+            "save_pretrained so that loading rebuilds the saved shapes exactly; leave empty when creating an adapter."
+        },
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "True (default): zero core, so the model is unchanged at creation. False: a random core (a non-zero "
+            "delta from the start), only for tests and experiments."
+        },
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Modules besides the adapters that are trained and saved, e.g. a classifier head."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = TUCKER_PEFT_TYPE
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        self._validate()
+
+    def _validate(self) -> None:
+        def positive_int(name: str, value) -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}.")
+
+        for name in ("r", "max_rank", "min_rank"):
+            positive_int(name, getattr(self, name))
+        if self.min_rank > self.max_rank:
+            raise ValueError(
+                f"`min_rank` ({self.min_rank}) must be <= `max_rank` ({self.max_rank}); lower min_rank or raise max_rank."
+            )
+        if not self.min_rank <= self.r <= self.max_rank:
+            raise ValueError(
+                f"`r` ({self.r}) must lie in [min_rank, max_rank] = [{self.min_rank}, {self.max_rank}]; "
+                "change r or the bounds."
+            )
+        if not (isinstance(self.tau, (int, float)) and 0.0 <= self.tau < 1.0):
+            raise ValueError(f"`tau` must be a float in [0, 1) (relative truncation tolerance); got {self.tau!r}.")
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"`alpha` must be a finite number > 0 (the scale is alpha / r); got {self.alpha!r}.")
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"`dropout` must be a probability in [0, 1); got {self.dropout!r}.")
+        if self.conv_mode not in CONV_MODES:
+            raise ValueError(f"`conv_mode` must be one of {CONV_MODES}; got {self.conv_mode!r}.")
+        for key, value in self.rank_pattern.items():
+            if isinstance(value, bool) or not isinstance(value, int) or not self.min_rank <= value <= self.max_rank:
+                raise ValueError(
+                    f"`rank_pattern[{key!r}]` must be an integer in [min_rank, max_rank] = "
+                    f"[{self.min_rank}, {self.max_rank}]; got {value!r}."
+                )
+        for key, value in self.module_ranks.items():
+            if not (isinstance(value, (list, tuple)) and value and all(isinstance(v, int) and v >= 1 for v in value)):
+                raise ValueError(
+                    f"`module_ranks[{key!r}]` must be a non-empty list of integers >= 1 (one per factorized mode); "
+                    f"got {value!r}. It is written by save_pretrained; do not edit it by hand."
+                )
+            self.module_ranks[key] = list(value)
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str (regex); pass a list.")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")

@@ -1,0 +1,351 @@
+"""Tucker adapter layers: ``W = W0 + s * C x_1 U_1 ... x_d U_d`` on Linear, transformers' Conv1D and ConvNd.
+
+The layer owns, per adapter, a core ``tucker_core[adapter]`` and one orthonormal factor ``tucker_U{i}[adapter]``
+per factorized mode ``i`` (ALGORITHM.md §1).  Modes are always ordered ``(out, in, window...)``:
+
+- ``nn.Linear`` / ``Conv1D``: factors ``U0`` (out x r0), ``U1`` (in x r1), core ``(r0, r1)``;
+  ``dW = U0 C U1^T`` in ``(out, in)`` layout (transposed for ``Conv1D``, whose weight is stored in x out).
+- ``nn.ConvNd``, ``conv_mode="channels"``: factors ``U0`` (out), ``U1`` (in), core ``(r0, r1, k_1, ..., k_N)``
+  with the kernel window dense.  ``conv_mode="full"``: also ``U2..`` (k_j x r_j), core ``(r0, r1, r2, ...)``.
+
+Rank changes (the geometric update) are done *in place*: :meth:`TuckerLayer.set_factors` assigns new tensors of
+any rank to ``param.data`` of the existing ``nn.Parameter`` objects.  We chose this over a fixed capacity with an
+active rank because (a) the forward pass then never slices or masks, so it costs exactly what the active rank costs,
+(b) memory follows the active rank, (c) ``state_dict`` and the saved adapter hold the active ranks with no extra
+bookkeeping, and (d) the Parameter objects keep their identity, so every reference to them (the integrator's state,
+a parameter list handed to an optimizer, ``named_parameters``) stays valid.  The Tucker factors are not meant to be
+stepped by a ``torch.optim`` optimizer (the geometric update owns them and their moments), so no optimizer state of
+the old shape can go stale.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from .tensor_ops import multi_mode_dot, orthonormal, tucker_to_tensor, valid_tucker_ranks
+
+MAX_MODES = 5  # Conv3d in "full" mode: out, in, k1, k2, k3
+
+
+def _is_transformers_conv1d(module: nn.Module) -> bool:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(module, Conv1D)
+
+
+class TuckerLayer(BaseTunerLayer):
+    """Mixin holding the Tucker adapters of one wrapped layer (see the module docstring for shapes)."""
+
+    adapter_layer_names = ("tucker_core",) + tuple(f"tucker_U{i}" for i in range(MAX_MODES))
+    other_param_names = ("r", "alpha", "scaling", "tucker_dropout")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.tucker_dropout = nn.ModuleDict({})
+        self.tucker_core = nn.ParameterDict({})
+        for i in range(MAX_MODES):
+            setattr(self, f"tucker_U{i}", nn.ParameterDict({}))
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.kwargs = kwargs
+
+        base = self.get_base_layer()
+        if isinstance(base, nn.Linear):
+            self.in_features, self.out_features = base.in_features, base.out_features
+            self.kernel_size: tuple[int, ...] = ()
+        elif _is_transformers_conv1d(base):
+            self.in_features, self.out_features = base.weight.shape
+            self.kernel_size = ()
+        elif isinstance(base, nn.modules.conv._ConvNd) and not base.transposed:
+            if base.groups != 1:
+                raise ValueError(
+                    f"Tucker adapters do not support grouped convolutions (groups={base.groups}) yet; "
+                    "leave this module out with `exclude_modules`."
+                )
+            self.in_features, self.out_features = base.in_channels, base.out_channels
+            self.kernel_size = tuple(base.kernel_size)
+        else:
+            raise TypeError(
+                f"Unsupported layer type {type(base).__name__}: Tucker adapters wrap nn.Linear, transformers' Conv1D "
+                "and nn.Conv1d/2d/3d. Remove it from `target_modules` or add it to `exclude_modules`."
+            )
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # What the geometric update needs
+    def factors(self, adapter_name: str) -> list[nn.Parameter]:
+        """The orthonormal factors ``[U_0, U_1, ...]`` (each ``(n_i, r_i)``) of ``adapter_name``, in mode order."""
+        out = []
+        for i in range(MAX_MODES):
+            store = getattr(self, f"tucker_U{i}")
+            if adapter_name not in store:
+                break
+            out.append(store[adapter_name])
+        return out
+
+    def core(self, adapter_name: str) -> nn.Parameter:
+        """The core ``C`` of ``adapter_name``: ``(r_0, ..., r_{d-1}, *dense window)``."""
+        return self.tucker_core[adapter_name]
+
+    def ranks(self, adapter_name: str) -> tuple[int, ...]:
+        """Current rank of every factorized mode, ``(r_0, ..., r_{d-1})``."""
+        return tuple(u.shape[1] for u in self.factors(adapter_name))
+
+    def mode_sizes(self, adapter_name: str) -> tuple[int, ...]:
+        """Size ``n_i`` of every factorized mode."""
+        return tuple(u.shape[0] for u in self.factors(adapter_name))
+
+    @torch.no_grad()
+    def set_factors(self, adapter_name: str, core: torch.Tensor, factors: list[torch.Tensor]) -> None:
+        """Replace ``C`` and the ``U_i`` of ``adapter_name`` in place, possibly with other ranks.
+
+        Args:
+            core: ``(r_0', ..., r_{d-1}', *dense window)``.
+            factors: ``d`` matrices ``(n_i, r_i')`` with orthonormal columns, matching the core.
+
+        The ``nn.Parameter`` objects are kept (their ``.data`` is replaced) and their ``.grad`` is cleared, since a
+        gradient of the old shape means nothing for the new factors.
+        """
+        params = self.factors(adapter_name)
+        if len(factors) != len(params):
+            raise ValueError(f"expected {len(params)} factors for adapter {adapter_name!r}, got {len(factors)}")
+        expected_core = tuple(f.shape[1] for f in factors) + tuple(self.core(adapter_name).shape[len(params) :])
+        if tuple(core.shape) != expected_core:
+            raise ValueError(f"core of shape {tuple(core.shape)} does not match factors/window {expected_core}")
+        for i, (param, new) in enumerate(zip(params, factors)):
+            if new.dim() != 2 or new.shape[0] != param.shape[0]:
+                raise ValueError(f"factor {i} of shape {tuple(new.shape)} does not fit mode size {param.shape[0]}")
+        for param, new in zip([self.core(adapter_name), *params], [core, *factors]):
+            param.data = new.detach().to(device=param.device, dtype=param.dtype).contiguous()
+            param.grad = None
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Creating adapters
+    def initial_ranks(self, r: int, conv_mode: str) -> list[int]:
+        """Ranks of a new adapter of rank ``r``: ``r`` per factorized mode, clipped to valid Tucker ranks."""
+        sizes, dense = self._factorized_sizes(conv_mode)
+        return valid_tucker_ranks([min(r, n) for n in sizes], dense)
+
+    def _factorized_sizes(self, conv_mode: str) -> tuple[list[int], tuple[int, ...]]:
+        sizes = [self.out_features, self.in_features]
+        if conv_mode == "full":
+            return sizes + list(self.kernel_size), ()
+        return sizes, self.kernel_size
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        conv_mode: str = "channels",
+        ranks: Optional[list[int]] = None,
+        init_weights: bool = True,
+        inference_mode: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """Create adapter ``adapter_name``: orthonormal random ``U_i``, zero core, fixed scale ``alpha / r``.
+
+        ``ranks`` (one per factorized mode) gives exact shapes, e.g. from a saved ``module_ranks`` record; otherwise
+        every mode gets rank ``r`` clipped to the layer (:meth:`initial_ranks`).
+        """
+        if r < 1:
+            raise ValueError(f"`r` must be a positive integer; got {r}.")
+        sizes, dense = self._factorized_sizes(conv_mode)
+        if ranks is None:
+            ranks = self.initial_ranks(r, conv_mode)
+        else:
+            ranks = [int(x) for x in ranks]
+            if len(ranks) != len(sizes) or any(not 1 <= x <= n for x, n in zip(ranks, sizes)):
+                raise ValueError(
+                    f"The rank record {ranks} does not fit a layer with factorized mode sizes {sizes} "
+                    f"(conv_mode={conv_mode!r}); the adapter_config.json does not belong to this model or was edited."
+                )
+            if valid_tucker_ranks(ranks, dense) != ranks:
+                raise ValueError(f"The rank record {ranks} is not a valid Tucker rank for mode sizes {sizes}.")
+
+        device = self._base_device()
+        self.r[adapter_name] = r
+        self.alpha[adapter_name] = alpha
+        self.scaling[adapter_name] = alpha / r
+        self.tucker_dropout[adapter_name] = nn.Dropout(p=dropout) if dropout > 0.0 else nn.Identity()
+        core_shape = (*ranks, *dense)
+        if init_weights:
+            core = torch.zeros(core_shape)
+        else:  # a non-zero delta from the start; for tests and experiments
+            core = torch.randn(core_shape) / math.sqrt(math.prod(ranks))
+        self.tucker_core[adapter_name] = nn.Parameter(core.to(device))
+        for i, (n, rank) in enumerate(zip(sizes, ranks)):
+            getattr(self, f"tucker_U{i}")[adapter_name] = nn.Parameter(orthonormal(n, rank).to(device))
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _base_device(self) -> torch.device:
+        weight = self.get_base_layer().weight
+        return weight.device if weight.device.type != "meta" else torch.device("cpu")
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        """Move the adapter to the base layer's device, keeping its own (fp32) dtype even on fp16/bf16 models."""
+        target = device if device is not None else self._base_device()
+        for name in self.adapter_layer_names:
+            store = getattr(self, name)
+            if adapter_name in store and store[adapter_name].device != torch.device("meta"):
+                store[adapter_name].data = store[adapter_name].data.to(target)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Scale hooks (LoRA-compatible, used by diffusers' set_adapters / fuse_lora(lora_scale=...))
+    def set_scale(self, adapter: str, scale: float) -> None:
+        """Set the adapter's scale to ``scale * alpha / r`` (``scale = 1`` restores the creation value)."""
+        if adapter in self.scaling:
+            self.scaling[adapter] = scale * self.alpha[adapter] / self.r[adapter]
+
+    def scale_layer(self, scale: float) -> None:
+        """Multiply the scale of every active adapter by ``scale``."""
+        if scale == 1:
+            return
+        for adapter in self.active_adapters:
+            if adapter in self.scaling:
+                self.scaling[adapter] *= scale
+
+    def unscale_layer(self, scale: Optional[float] = None) -> None:
+        """Undo :meth:`scale_layer` (divide by ``scale``), or restore ``alpha / r`` when ``scale`` is None."""
+        for adapter in self.active_adapters:
+            if adapter not in self.scaling:
+                continue
+            if scale is None:
+                self.scaling[adapter] = self.alpha[adapter] / self.r[adapter]
+            else:
+                self.scaling[adapter] /= scale
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Dense delta, merging
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``s * dW`` in the layout of the base weight (``(out, in, *k)``; ``(in, out)`` for ``Conv1D``), fp32."""
+        delta = tucker_to_tensor(self.core(adapter_name), list(self.factors(adapter_name)))
+        delta = delta * self.scaling[adapter_name]
+        if _is_transformers_conv1d(self.get_base_layer()):
+            delta = delta.T
+        return delta
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Add ``s * dW`` of the active (or given) adapters to the base weight."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        base = self.get_base_layer()
+        for adapter in adapter_names:
+            if adapter not in self.tucker_core:
+                continue
+            with torch.no_grad():
+                delta = self.get_delta_weight(adapter)
+                merged = base.weight.data.float() + delta
+                if safe_merge and not torch.isfinite(merged).all():
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+                base.weight.data = merged.to(base.weight.dtype)
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter's ``s * dW`` from the base weight again."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if adapter in self.tucker_core:
+                with torch.no_grad():
+                    base.weight.data = (base.weight.data.float() - self.get_delta_weight(adapter)).to(base.weight.dtype)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Forward
+    def _adapter_forward(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _tucker_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``base(x) + sum over active adapters of s * adapter(dropout(x))``, in the factored form."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        for adapter in self.active_adapters:
+            if adapter not in self.tucker_core:
+                continue
+            core = self.core(adapter)
+            x_a = self.tucker_dropout[adapter](x)
+            if not torch.is_autocast_enabled(x.device.type):
+                x_a = x_a.to(core.dtype)
+            result = result + (self._adapter_forward(x_a, adapter) * self.scaling[adapter]).to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "tucker." + super().__repr__()
+
+
+class Linear(nn.Module, TuckerLayer):
+    """Tucker adapter on ``nn.Linear`` or transformers' ``Conv1D``: ``y = base(x) + s ((x U1) C^T) U0^T``."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        super().__init__()
+        TuckerLayer.__init__(self, base_layer)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, **kwargs)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._tucker_forward(x, *args, **kwargs)
+
+    def _adapter_forward(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        u_out, u_in = self.factors(adapter)
+        return ((x @ u_in) @ self.core(adapter).T) @ u_out.T
+
+
+class Conv(nn.Module, TuckerLayer):
+    """Tucker adapter on ``nn.Conv1d/2d/3d``: 1x1 conv with ``U1^T``, the core conv (base stride/padding/dilation),
+    then 1x1 conv with ``U0``.  In ``full`` mode the core's window modes are first expanded by their factors, which
+    builds a kernel of shape ``(r0, r1, *k)`` (the size of the core, never of the dense delta)."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        super().__init__()
+        TuckerLayer.__init__(self, base_layer)
+        self._active_adapter = adapter_name
+        self._conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(self.kernel_size)]
+        self.update_layer(adapter_name, **kwargs)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._tucker_forward(x, *args, **kwargs)
+
+    def _adapter_forward(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        factors = self.factors(adapter)
+        u_out, u_in = factors[0], factors[1]
+        kernel = self.core(adapter)
+        if len(factors) > 2:  # "full" mode: expand the window modes
+            kernel = multi_mode_dot(kernel, factors[2:], range(2, len(factors)))
+        ones = (1,) * len(self.kernel_size)
+        h = self._conv(x, u_in.T.reshape(u_in.shape[1], u_in.shape[0], *ones))
+        h = self.get_base_layer()._conv_forward(h, kernel, None)
+        return self._conv(h, u_out.reshape(*u_out.shape, *ones))
+
+
+def dispatch(target: nn.Module, adapter_name: str, **kwargs: Any) -> nn.Module:
+    """Wrap ``target`` in the Tucker layer class for its type, or raise a ``TypeError`` naming what is supported."""
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if isinstance(base, nn.Linear) or _is_transformers_conv1d(base):
+        return Linear(target, adapter_name, **kwargs)
+    if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return Conv(target, adapter_name, **kwargs)
+    raise TypeError(
+        f"Target module {type(base).__name__} is not supported: Tucker adapters wrap nn.Linear, transformers' Conv1D "
+        "and nn.Conv1d/2d/3d. Remove it from `target_modules` or add it to `exclude_modules`."
+    )

@@ -1,0 +1,201 @@
+"""``TuckerLoraModel``: the PEFT tuner that injects Tucker adapters and saves/loads their per-module ranks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils.other import get_pattern_key
+from torch import nn
+
+from .config import TuckerLoraConfig
+from .layer import TuckerLayer, _is_transformers_conv1d, dispatch
+
+#: Default targets per transformers ``model_type``: attention and feed-forward projections where we know the names,
+#: LoRA's defaults otherwise.
+TRANSFORMERS_MODELS_TO_TUCKER_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
+    **TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+    "bert": ["query", "key", "value", "output.dense", "intermediate.dense"],
+    "roberta": ["query", "key", "value", "output.dense", "intermediate.dense"],
+    "xlm-roberta": ["query", "key", "value", "output.dense", "intermediate.dense"],
+    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
+    "deberta": ["in_proj", "output.dense", "intermediate.dense"],
+    "deberta-v2": ["query_proj", "key_proj", "value_proj", "output.dense", "intermediate.dense"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+}
+
+_PEFT_MODEL_PREFIX = "base_model.model."
+
+
+def _supported(module: nn.Module) -> str | None:
+    """``None`` if a Tucker adapter can wrap ``module``, else the reason it cannot."""
+    if isinstance(module, nn.Linear) or _is_transformers_conv1d(module):
+        return None
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        if module.groups != 1:
+            return f"grouped convolution (groups={module.groups}) is not supported"
+        return None
+    return f"{type(module).__name__} is not supported (nn.Linear, transformers' Conv1D and nn.Conv1d/2d/3d are)"
+
+
+def iter_tucker_layers(model: nn.Module, adapter_name: str | None = None):
+    """Yield ``(name, layer)`` for every Tucker layer (holding ``adapter_name``, if given) of ``model``.
+
+    Names are relative to the adapted model: a ``PeftModel``'s ``base_model.model.`` prefix is removed, so the names
+    are the ones used in ``rank_pattern`` / ``module_ranks``.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, TuckerLayer) and (adapter_name is None or adapter_name in module.tucker_core):
+            yield name.removeprefix(_PEFT_MODEL_PREFIX), module
+
+
+class TuckerLoraModel(BaseTuner):
+    """Injects Tucker adapters (``TuckerLoraConfig``) into a model; created by ``get_peft_model`` or
+    ``inject_adapter_in_model`` (diffusers' ``add_adapter``), never directly."""
+
+    prefix: str = "tucker_"
+    tuner_layer_cls = TuckerLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_TUCKER_TARGET_MODULES_MAPPING
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Checks before any module is replaced
+    def _prepare_model(self, peft_config: TuckerLoraConfig, model: nn.Module) -> None:
+        """Refuse, before anything is injected, a target list entry that matches nothing and an unsupported target."""
+        names = [name for name, _ in model.named_modules() if name]
+        inside_adapters = tuple(name + "." for name, m in model.named_modules() if isinstance(m, BaseTunerLayer))
+        targets = peft_config.target_modules
+        if isinstance(targets, (set, list, tuple)):
+            unknown = sorted(t for t in targets if not any(n == t or n.endswith("." + t) for n in names))
+            if unknown:
+                leaf_names = sorted(
+                    {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and _supported(m) is None}
+                )
+                raise ValueError(
+                    f"target_modules {unknown} match no module of {type(model).__name__}. Module names that can be "
+                    f"targeted end in: {leaf_names[:40]}. Fix `target_modules` (exact names or name suffixes)."
+                )
+        if targets == INCLUDE_LINEAR_LAYERS_SHORTHAND:
+            return
+        bad = []
+        for name, module in model.named_modules():
+            if not name or name.startswith(inside_adapters) or isinstance(module, BaseTunerLayer):
+                continue
+            if self._check_target_module_exists(peft_config, name) and (reason := _supported(module)):
+                bad.append(f"{name}: {reason}")
+        if bad:
+            raise ValueError(
+                "Some target modules cannot get a Tucker adapter:\n  "
+                + "\n  ".join(bad[:10])
+                + "\nNarrow `target_modules` or add these modules to `exclude_modules`."
+            )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Injection
+    def _create_and_replace(
+        self,
+        config: TuckerLoraConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        if current_key is None:
+            raise ValueError("Current Key shouldn't be `None`")
+        r_key = get_pattern_key(config.rank_pattern.keys(), current_key)
+        kwargs = {
+            "r": config.rank_pattern.get(r_key, config.r),
+            "alpha": config.alpha,
+            "dropout": config.dropout,
+            "conv_mode": config.conv_mode,
+            "ranks": config.module_ranks.get(current_key),
+            "init_weights": config.init_weights,
+            "inference_mode": config.inference_mode,
+        }
+        if isinstance(target, TuckerLayer):
+            target.update_layer(adapter_name, **kwargs)
+        else:
+            new_module = dispatch(target, adapter_name, **kwargs)
+            if adapter_name not in self.active_adapters:
+                new_module.requires_grad_(False)
+            self._replace_module(parent, target_name, new_module, target)
+
+    def _post_injection_hook(self, model: nn.Module, config: TuckerLoraConfig, adapter_name: str) -> None:
+        """A loaded rank record must name exactly the adapted modules: otherwise config and model disagree."""
+        if not config.module_ranks:
+            return
+        adapted = {name for name, _ in iter_tucker_layers(model, adapter_name)}
+        stray = sorted(set(config.module_ranks) - adapted)
+        if stray:
+            raise ValueError(
+                f"adapter_config.json records ranks for modules that were not adapted: {stray[:5]}. The adapter was "
+                "saved from a different model or its target_modules were edited; load it on the model it was "
+                "trained on."
+            )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Saving and loading
+    @classmethod
+    def _get_adapter_state_dict(
+        cls,
+        model: nn.Module,
+        config: TuckerLoraConfig,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+        unwanted_adapter_names: list[str],
+    ) -> dict[str, torch.Tensor]:
+        """Select this adapter's tensors (active ranks) and write the current ranks into ``config.module_ranks``."""
+        config.module_ranks = {name: list(layer.ranks(adapter_name)) for name, layer in iter_tucker_layers(model, adapter_name)}
+        return super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls,
+        model: nn.Module,
+        config: TuckerLoraConfig,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """Map checkpoint keys to the model and refuse a checkpoint that misses adapter tensors or has other shapes."""
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        model_state = model.state_dict()
+        problems = []
+        for name, module in model.named_modules():
+            if not (isinstance(module, TuckerLayer) and adapter_name in module.tucker_core):
+                continue
+            for attr in module.adapter_layer_names:
+                if adapter_name not in getattr(module, attr):
+                    continue
+                key = f"{name}.{attr}.{adapter_name}" if name else f"{attr}.{adapter_name}"
+                expected = tuple(model_state[key].shape)
+                if key not in remapped:
+                    problems.append(f"{key}: missing from the checkpoint")
+                elif tuple(remapped[key].shape) != expected:
+                    problems.append(
+                        f"{key}: checkpoint shape {tuple(remapped[key].shape)}, config (module_ranks) gives {expected}"
+                    )
+        if problems:
+            raise ValueError(
+                f"The checkpoint does not match its adapter config ({len(problems)} tensors):\n  "
+                + "\n  ".join(problems[:10])
+                + "\nSave and load the adapter together with its adapter_config.json (save_pretrained writes both); "
+                "the weights and the config come from different saves or were edited."
+            )
+        return remapped
+
+
+def current_ranks(model: nn.Module, adapter_name: str = "default") -> dict[str, tuple[int, ...]]:
+    """Per-module current ranks of ``adapter_name`` (names as in ``module_ranks``)."""
+    return {name: layer.ranks(adapter_name) for name, layer in iter_tucker_layers(model, adapter_name)}
+
+
+def adapter_parameter_count(model: nn.Module, adapter_name: str = "default") -> int:
+    """Number of Tucker adapter parameters (cores and factors, active ranks) of ``adapter_name``."""
+    return sum(
+        layer.core(adapter_name).numel() + sum(u.numel() for u in layer.factors(adapter_name))
+        for _, layer in iter_tucker_layers(model, adapter_name)
+    )
+

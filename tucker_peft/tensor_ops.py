@@ -1,0 +1,73 @@
+"""Tensor algebra for Tucker tensors (names as in TensorLy), with no knowledge of ``nn.Module`` or PEFT.
+
+Notation (see ``ALGORITHM.md`` section 1): a Tucker tensor is ``dW = C x_1 U_1 x_2 U_2 ... x_d U_d`` with a core
+``C`` of shape ``(r_1, ..., r_d, *rest)`` and factors ``U_i`` of shape ``(n_i, r_i)``.  Factors act on the leading
+modes of the core; trailing modes without a factor (e.g. a dense convolution window) are left as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import math
+
+import torch
+
+__all__ = ["fold", "mode_dot", "multi_mode_dot", "orthonormal", "tucker_to_tensor", "unfold", "valid_tucker_ranks"]
+
+
+def unfold(tensor: torch.Tensor, mode: int) -> torch.Tensor:
+    """Mode-``mode`` unfolding ``Mat_mode(T)``: shape ``(n_mode, prod of the other dims)``, other modes in order."""
+    return torch.movedim(tensor, mode, 0).reshape(tensor.shape[mode], -1)
+
+
+def fold(matrix: torch.Tensor, mode: int, shape: Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`unfold`: ``matrix`` of shape ``(shape[mode], prod(others))`` back to ``shape``."""
+    moved = [shape[mode], *(s for i, s in enumerate(shape) if i != mode)]
+    return torch.movedim(matrix.reshape(moved), 0, mode)
+
+
+def mode_dot(tensor: torch.Tensor, matrix: torch.Tensor, mode: int) -> torch.Tensor:
+    """Mode-``mode`` product ``T x_mode M``: ``matrix`` of shape ``(m, n_mode)`` replaces dim ``mode`` by ``m``."""
+    return torch.movedim(torch.tensordot(matrix, tensor, dims=([1], [mode])), 0, mode)
+
+
+def multi_mode_dot(tensor: torch.Tensor, matrices: Sequence[torch.Tensor], modes: Sequence[int]) -> torch.Tensor:
+    """Successive mode products ``T x_{modes[0]} M_0 x_{modes[1]} M_1 ...``."""
+    for matrix, mode in zip(matrices, modes):
+        tensor = mode_dot(tensor, matrix, mode)
+    return tensor
+
+
+def tucker_to_tensor(core: torch.Tensor, factors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Dense tensor ``C x_0 U_0 x_1 U_1 ...`` for factors ``U_i`` of shape ``(n_i, r_i)`` on the leading modes."""
+    return multi_mode_dot(core, factors, range(len(factors)))
+
+
+def orthonormal(n: int, r: int, *, generator: torch.Generator | None = None, dtype=torch.float32) -> torch.Tensor:
+    """Random ``(n, r)`` matrix with orthonormal columns (QR of a Gaussian, signs fixed), ``r <= n``."""
+    if r > n:
+        raise ValueError(f"cannot build {r} orthonormal columns in dimension {n}")
+    gaussian = torch.randn(n, r, generator=generator, dtype=torch.float64)
+    q, rr = torch.linalg.qr(gaussian)
+    q = q * torch.sign(torch.diagonal(rr)).where(torch.diagonal(rr) != 0, torch.ones(()))
+    return q.to(dtype)
+
+
+def valid_tucker_ranks(ranks: Sequence[int], dense_sizes: Sequence[int] = ()) -> list[int]:
+    """Largest ranks ``<= ranks`` that a Tucker core can have: ``r_i <= prod_{j != i} r_j * prod(dense_sizes)``.
+
+    ``dense_sizes`` are trailing core modes without a factor (a dense kernel window).  For a matrix (two modes,
+    no dense modes) this makes both ranks equal to the smaller one.
+    """
+    ranks = list(ranks)
+    dense = math.prod(dense_sizes)
+    changed = True
+    while changed:
+        changed = False
+        for i in range(len(ranks)):
+            bound = math.prod(ranks[:i] + ranks[i + 1 :]) * dense
+            if ranks[i] > bound:
+                ranks[i] = bound
+                changed = True
+    return ranks
