@@ -1,0 +1,133 @@
+"""TuckerLoraConfig validation, registration with PEFT, and errors for bad targets."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+
+import pytest
+import torch
+from peft import PeftConfig, get_peft_model
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from peft.utils.peft_types import PeftType
+from torch import nn
+
+import tucker_peft
+from tucker_peft import TuckerLoraConfig, TuckerLoraModel
+
+from .conftest import tiny_bert
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field", "allowed"),
+    [
+        ({"r": 0}, "`r`", ">= 1"),
+        ({"r": 2.5}, "`r`", ">= 1"),
+        ({"max_rank": 0}, "`max_rank`", ">= 1"),
+        ({"min_rank": 0}, "`min_rank`", ">= 1"),
+        ({"min_rank": 9, "max_rank": 4, "r": 4}, "`min_rank`", "<= `max_rank`"),
+        ({"r": 40, "max_rank": 32}, "`r`", "[min_rank, max_rank]"),
+        ({"r": 2, "min_rank": 3}, "`r`", "[min_rank, max_rank]"),
+        ({"tau": -0.1}, "`tau`", "[0, 1)"),
+        ({"tau": 1.0}, "`tau`", "[0, 1)"),
+        ({"alpha": 0}, "`alpha`", "> 0"),
+        ({"alpha": float("nan")}, "`alpha`", "> 0"),
+        ({"dropout": 1.0}, "`dropout`", "[0, 1)"),
+        ({"conv_mode": "spatial"}, "`conv_mode`", "'channels', 'full'"),
+        ({"rank_pattern": {"query": 64}}, "`rank_pattern['query']`", "[min_rank, max_rank]"),
+        ({"module_ranks": {"a.query": [0, 2]}}, "`module_ranks['a.query']`", ">= 1"),
+        ({"target_modules": ".*query", "layers_to_transform": 0}, "`layers_to_transform`", "pass a list"),
+        ({"layers_pattern": "layer"}, "`layers_pattern`", "`layers_to_transform`"),
+    ],
+)
+def test_invalid_values_name_the_field_and_range(kwargs, field, allowed):
+    with pytest.raises(ValueError) as err:
+        TuckerLoraConfig(**kwargs)
+    assert field in str(err.value) and allowed in str(err.value)
+
+
+def test_every_field_has_help():
+    own = {f.name for f in dataclasses.fields(TuckerLoraConfig)} - {f.name for f in dataclasses.fields(PeftConfig)}
+    assert {"r", "max_rank", "min_rank", "tau", "alpha", "dropout", "conv_mode", "rank_pattern", "module_ranks"} <= own
+    for f in dataclasses.fields(TuckerLoraConfig):
+        if f.name in own:
+            assert f.metadata.get("help"), f"field {f.name} has no help"
+
+
+def test_registered_as_peft_method_once():
+    assert PeftType.TUCKER.value == "TUCKER" and "TUCKER" in list(PeftType)
+    assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.TUCKER] is TuckerLoraConfig
+    assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.TUCKER] is TuckerLoraModel
+    importlib.reload(tucker_peft._registry)  # a second registration attempt is a no-op, not a KeyError
+    tucker_peft._registry.register(TuckerLoraConfig, TuckerLoraModel)
+    assert PeftType.TUCKER is tucker_peft._registry.TUCKER_PEFT_TYPE
+    assert TuckerLoraConfig().peft_type == PeftType.TUCKER
+
+
+def test_config_json_round_trip(tmp_path):
+    cfg = TuckerLoraConfig(r=4, tau=0.05, rank_pattern={"query": 2}, module_ranks={"x.query": [2, 2]}, target_modules=["query"])
+    cfg.save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert raw["peft_type"] == "TUCKER" and raw["module_ranks"] == {"x.query": [2, 2]}
+    loaded = PeftConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, TuckerLoraConfig)
+    assert (loaded.r, loaded.tau, loaded.rank_pattern, loaded.target_modules) == (4, 0.05, {"query": 2}, {"query"})
+
+
+def test_unknown_target_module_is_refused_before_any_change():
+    model = tiny_bert()
+    with pytest.raises(ValueError, match=r"target_modules \['valeu'\] match no module.*query"):
+        get_peft_model(model, TuckerLoraConfig(target_modules=["query", "valeu"]))
+    assert not any("tucker_" in n for n, _ in model.named_parameters())
+
+
+def test_unsupported_layer_is_refused_with_fix():
+    model = tiny_bert()
+    with pytest.raises(ValueError, match=r"(?s)word_embeddings: Embedding is not supported.*exclude_modules"):
+        get_peft_model(model, TuckerLoraConfig(target_modules=["query", "word_embeddings"]))
+    assert not any("tucker_" in n for n, _ in model.named_parameters())
+
+
+def test_grouped_conv_is_refused():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 8, 3, groups=2)
+
+    with pytest.raises(ValueError, match=r"(?s)groups=2.*exclude_modules"):
+        get_peft_model(Net(), TuckerLoraConfig(target_modules=["conv"]))
+
+
+def test_layers_to_transform_and_rank_pattern():
+    model = get_peft_model(
+        tiny_bert(),
+        TuckerLoraConfig(
+            target_modules=["query", "value"], layers_to_transform=[1], layers_pattern="layer", rank_pattern={"value": 2}
+        ),
+    )
+    ranks = tucker_peft.current_ranks(model)
+    assert ranks == {"bert.encoder.layer.1.attention.self.query": (8, 8), "bert.encoder.layer.1.attention.self.value": (2, 2)}
+    value = model.base_model.model.bert.encoder.layer[1].attention.self.value
+    assert value.scaling["default"] == pytest.approx(8.0 / 2)  # alpha / (that module's initial rank)
+
+
+def test_default_targets_for_bert_cover_attention_and_ffn():
+    model = get_peft_model(tiny_bert(), TuckerLoraConfig(task_type="SEQ_CLS"))
+    names = set(tucker_peft.current_ranks(model))
+    assert len(names) == 2 * 6 and "bert.encoder.layer.0.intermediate.dense" in names
+    assert not any("pooler" in n for n in names)
+
+
+def test_rank_clipped_to_small_layers():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 50)
+            self.conv = nn.Conv2d(2, 40, 1)
+
+    model = get_peft_model(Net(), TuckerLoraConfig(target_modules=["lin", "conv"], r=8, conv_mode="full"))
+    ranks = tucker_peft.current_ranks(model)
+    assert ranks["lin"] == (3, 3)
+    assert ranks["conv"] == (2, 2, 1, 1)  # out rank <= in rank * window ranks
+    assert torch.count_nonzero(model.base_model.model.conv.core("default")) == 0
