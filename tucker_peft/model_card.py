@@ -101,3 +101,18 @@ def install() -> None:
 
     create_or_update_model_card._tucker_peft = True
     PeftModel.create_or_update_model_card = create_or_update_model_card
+
+    # ``push_to_hub`` (transformers' PushToHubMixin) saves into a temporary folder and then overwrites README.md with
+    # a generic card before uploading; write PEFT's card and our section into that folder again just before upload.
+    upload = getattr(PeftModel, "_upload_modified_files", None)
+    if upload is None or getattr(upload, "_tucker_peft", False):
+        return
+
+    @functools.wraps(upload)
+    def _upload_modified_files(self, working_dir, *args, **kwargs):
+        if any(isinstance(c, TuckerLoraConfig) for c in self.peft_config.values()):
+            self.create_or_update_model_card(working_dir)
+        return upload(self, working_dir, *args, **kwargs)
+
+    _upload_modified_files._tucker_peft = True
+    PeftModel._upload_modified_files = _upload_modified_files
