@@ -65,7 +65,18 @@ def unet_inputs(batch: int = 2):
     )
 
 
-UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2", "time_emb_proj", "ff.net.2"]
+UNET_TARGETS = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "conv1",
+    "conv2",
+    "time_emb_proj",
+    "ff.net.2",
+]
 
 
 @torch.no_grad()

@@ -66,7 +66,9 @@ def test_registered_as_peft_method_once():
 
 
 def test_config_json_round_trip(tmp_path):
-    cfg = TuckerLoraConfig(r=4, tau=0.05, rank_pattern={"query": 2}, module_ranks={"x.query": [2, 2]}, target_modules=["query"])
+    cfg = TuckerLoraConfig(
+        r=4, tau=0.05, rank_pattern={"query": 2}, module_ranks={"x.query": [2, 2]}, target_modules=["query"]
+    )
     cfg.save_pretrained(tmp_path)
     raw = json.loads((tmp_path / "adapter_config.json").read_text())
     assert raw["peft_type"] == "TUCKER" and raw["module_ranks"] == {"x.query": [2, 2]}
@@ -103,11 +105,17 @@ def test_layers_to_transform_and_rank_pattern():
     model = get_peft_model(
         tiny_bert(),
         TuckerLoraConfig(
-            target_modules=["query", "value"], layers_to_transform=[1], layers_pattern="layer", rank_pattern={"value": 2}
+            target_modules=["query", "value"],
+            layers_to_transform=[1],
+            layers_pattern="layer",
+            rank_pattern={"value": 2},
         ),
     )
     ranks = tucker_peft.current_ranks(model)
-    assert ranks == {"bert.encoder.layer.1.attention.self.query": (8, 8), "bert.encoder.layer.1.attention.self.value": (2, 2)}
+    assert ranks == {
+        "bert.encoder.layer.1.attention.self.query": (8, 8),
+        "bert.encoder.layer.1.attention.self.value": (2, 2),
+    }
     value = model.base_model.model.bert.encoder.layer[1].attention.self.value
     assert value.scaling["default"] == pytest.approx(8.0 / 2)  # alpha / (that module's initial rank)
 

@@ -49,7 +49,8 @@ def _adapted(case: str, conv_mode: str = "channels", init_weights: bool = True, 
     layer, shape = _layer_cases()[case]
     base = Net(layer)
     model = get_peft_model(
-        copy.deepcopy(base), TuckerLoraConfig(target_modules=["layer"], r=r, conv_mode=conv_mode, init_weights=init_weights, alpha=6.0)
+        copy.deepcopy(base),
+        TuckerLoraConfig(target_modules=["layer"], r=r, conv_mode=conv_mode, init_weights=init_weights, alpha=6.0),
     )
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
     return base, model, x
@@ -108,7 +109,9 @@ def test_forward_equals_dense_reconstruction(case, conv_mode):
     randomize_adapter(model, seed=1)  # unequal ranks per mode where the layer allows it
     out = model(x)
     assert (out - base(x)).abs().max() > 1e-2  # the adapter really contributes
-    torch.testing.assert_close(out.double(), _dense_reference(tucker.get_base_layer(), tucker, x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        out.double(), _dense_reference(tucker.get_base_layer(), tucker, x), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_conv_mode_shapes():
@@ -197,7 +200,9 @@ def test_half_precision_base_keeps_fp32_factors(dtype):
     out.float().sum().backward()
     assert tucker.core("default").grad.dtype == torch.float32 and torch.isfinite(tucker.core("default").grad).all()
     # autocast on an fp32 model
-    model32 = get_peft_model(Net(nn.Linear(16, 12)), TuckerLoraConfig(target_modules=["layer"], r=4, init_weights=False))
+    model32 = get_peft_model(
+        Net(nn.Linear(16, 12)), TuckerLoraConfig(target_modules=["layer"], r=4, init_weights=False)
+    )
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = model32(torch.randn(4, 16))
     assert y.dtype == torch.bfloat16
@@ -207,7 +212,9 @@ def test_half_precision_base_keeps_fp32_factors(dtype):
 
 def test_merge_on_half_precision_base():
     torch.manual_seed(0)
-    model = get_peft_model(Net(nn.Linear(16, 12)).to(torch.bfloat16), TuckerLoraConfig(target_modules=["layer"], init_weights=False))
+    model = get_peft_model(
+        Net(nn.Linear(16, 12)).to(torch.bfloat16), TuckerLoraConfig(target_modules=["layer"], init_weights=False)
+    )
     x = torch.randn(4, 16).to(torch.bfloat16)
     with torch.no_grad():
         out = model(x)
@@ -273,7 +280,10 @@ def test_multiple_adapters_add_switch_delete():
 def test_print_trainable_parameters_matches_hand_count(capsys):
     from .conftest import tiny_bert
 
-    model = get_peft_model(tiny_bert(), TuckerLoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value", "intermediate.dense"]))
+    model = get_peft_model(
+        tiny_bert(),
+        TuckerLoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value", "intermediate.dense"]),
+    )
     trainable, total = model.get_nb_trainable_parameters()
     # hand count: per layer, r*n_out + r*n_in + r*r; hidden 32, intermediate 48, 2 layers; classifier 32*2+2
     per_layer = (4 * 32 + 4 * 32 + 16) * 2 + (4 * 48 + 4 * 32 + 16)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from peft.config import PeftConfig
 
@@ -33,7 +33,9 @@ class TuckerLoraConfig(PeftConfig):
     max_rank: int = field(
         default=32, metadata={"help": "Largest rank a mode may reach when ranks adapt during training (>= r)."}
     )
-    min_rank: int = field(default=1, metadata={"help": "Smallest rank a mode may be truncated to (1 <= min_rank <= r)."})
+    min_rank: int = field(
+        default=1, metadata={"help": "Smallest rank a mode may be truncated to (1 <= min_rank <= r)."}
+    )
     tau: float = field(
         default=0.1,
         metadata={
@@ -53,22 +55,24 @@ class TuckerLoraConfig(PeftConfig):
             "the core) or 'full' (the window modes are factorized too)."
         },
     )
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
         metadata={
             "help": "Module names (exact or suffix match) or a regex of the modules to adapt, e.g. ['query', 'value'] "
             "or 'all-linear'. If None, a default is chosen from the model architecture."
         },
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Module names or a regex of modules never to adapt."}
     )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
+    layers_to_transform: list[int] | int | None = field(
         default=None, metadata={"help": "Only adapt the layers with these indices (needs list target_modules)."}
     )
-    layers_pattern: Optional[Union[list[str], str]] = field(
+    layers_pattern: list[str] | str | None = field(
         default=None,
-        metadata={"help": "Name of the nn.ModuleList holding the layers, used with layers_to_transform ('layers', 'h')."},
+        metadata={
+            "help": "Name of the nn.ModuleList holding the layers, used with layers_to_transform ('layers', 'h')."
+        },
     )
     rank_pattern: dict = field(
         default_factory=dict,
@@ -91,7 +95,7 @@ class TuckerLoraConfig(PeftConfig):
             "delta from the start), only for tests and experiments."
         },
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None,
         metadata={"help": "Modules besides the adapters that are trained and saved, e.g. a classifier head."},
     )
@@ -143,6 +147,8 @@ class TuckerLoraConfig(PeftConfig):
                 )
             self.module_ranks[key] = list(value)
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str (regex); pass a list.")
+            raise ValueError(
+                "`layers_to_transform` cannot be used when `target_modules` is a str (regex); pass a list."
+            )
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -150,7 +150,7 @@ class TuckerLayer(BaseTunerLayer):
         alpha: float,
         dropout: float = 0.0,
         conv_mode: str = "channels",
-        ranks: Optional[list[int]] = None,
+        ranks: list[int] | None = None,
         init_weights: bool = True,
         inference_mode: bool = False,
         **kwargs: Any,
@@ -194,7 +194,7 @@ class TuckerLayer(BaseTunerLayer):
         weight = self.get_base_layer().weight
         return weight.device if weight.device.type != "meta" else torch.device("cpu")
 
-    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
         """Move the adapter to the base layer's device, keeping its own (fp32) dtype even on fp16/bf16 models."""
         target = device if device is not None else self._base_device()
         for name in self.adapter_layer_names:
@@ -217,7 +217,7 @@ class TuckerLayer(BaseTunerLayer):
             if adapter in self.scaling:
                 self.scaling[adapter] *= scale
 
-    def unscale_layer(self, scale: Optional[float] = None) -> None:
+    def unscale_layer(self, scale: float | None = None) -> None:
         """Undo :meth:`scale_layer` (divide by ``scale``), or restore ``alpha / r`` when ``scale`` is None."""
         for adapter in self.active_adapters:
             if adapter not in self.scaling:
@@ -237,7 +237,7 @@ class TuckerLayer(BaseTunerLayer):
             delta = delta.T
         return delta
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add ``s * dW`` of the active (or given) adapters to the base weight."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:
@@ -257,14 +257,16 @@ class TuckerLayer(BaseTunerLayer):
     def unmerge(self) -> None:
         """Subtract every merged adapter's ``s * dW`` from the base weight again."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         base = self.get_base_layer()
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
             if adapter in self.tucker_core:
                 with torch.no_grad():
-                    base.weight.data = (base.weight.data.float() - self.get_delta_weight(adapter)).to(base.weight.dtype)
+                    base.weight.data = (base.weight.data.float() - self.get_delta_weight(adapter)).to(
+                        base.weight.dtype
+                    )
 
     # ----------------------------------------------------------------------------------------------------------------
     # Forward

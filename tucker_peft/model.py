@@ -148,7 +148,9 @@ class TuckerLoraModel(BaseTuner):
         unwanted_adapter_names: list[str],
     ) -> dict[str, torch.Tensor]:
         """Select this adapter's tensors (active ranks) and write the current ranks into ``config.module_ranks``."""
-        config.module_ranks = {name: list(layer.ranks(adapter_name)) for name, layer in iter_tucker_layers(model, adapter_name)}
+        config.module_ranks = {
+            name: list(layer.ranks(adapter_name)) for name, layer in iter_tucker_layers(model, adapter_name)
+        }
         return super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
 
     @classmethod
@@ -198,4 +200,3 @@ def adapter_parameter_count(model: nn.Module, adapter_name: str = "default") -> 
         layer.core(adapter_name).numel() + sum(u.numel() for u in layer.factors(adapter_name))
         for _, layer in iter_tucker_layers(model, adapter_name)
     )
-

@@ -7,9 +7,8 @@ modes of the core; trailing modes without a factor (e.g. a dense convolution win
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import math
+from collections.abc import Sequence
 
 import torch
 

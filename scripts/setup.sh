@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Create .venv in the repository and install tucker-peft with the given extras (default: test).
+# torch 2.13.0 (CPU wheel) is installed first so that no other torch build is pulled in.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-test}"
+python="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$python" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[${extras}]"
