@@ -10,6 +10,7 @@ from ._registry import TUCKER_PEFT_TYPE, register
 from .config import TuckerLoraConfig
 from .layer import Conv, Linear, TuckerLayer
 from .model import TuckerLoraModel, adapter_parameter_count, current_ranks, iter_tucker_layers
+from .optimizer import TuckerOptimizer, non_tucker_parameters, tucker_parameters
 
 register(TuckerLoraConfig, TuckerLoraModel)
 model_card.install()
@@ -23,7 +24,10 @@ __all__ = [
     "TuckerLayer",
     "TuckerLoraConfig",
     "TuckerLoraModel",
+    "TuckerOptimizer",
     "adapter_parameter_count",
     "current_ranks",
     "iter_tucker_layers",
+    "non_tucker_parameters",
+    "tucker_parameters",
 ]

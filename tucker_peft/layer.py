@@ -127,7 +127,13 @@ class TuckerLayer(BaseTunerLayer):
             if new.dim() != 2 or new.shape[0] != param.shape[0]:
                 raise ValueError(f"factor {i} of shape {tuple(new.shape)} does not fit mode size {param.shape[0]}")
         for param, new in zip([self.core(adapter_name), *params], [core, *factors]):
-            param.data = new.detach().to(device=param.device, dtype=param.dtype).contiguous()
+            new = new.detach().to(device=param.device, dtype=param.dtype).contiguous()
+            if new.shape != param.shape:
+                # autograd keeps the parameter's gradient accumulator (with the old shape) alive as long as an old
+                # graph references it, and ``.data =`` only drops it on a dtype/device change: pass through another
+                # dtype so that the next backward pass builds an accumulator of the new shape.
+                param.data = new.to(torch.float64 if new.dtype != torch.float64 else torch.float32)
+            param.data = new
             param.grad = None
 
     # ----------------------------------------------------------------------------------------------------------------

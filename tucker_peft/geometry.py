@@ -1,0 +1,196 @@
+"""The geometric, rank-adaptive update of one Tucker tensor (ALGORITHM.md §2-4), on plain tensors.
+
+Notation: ``dW = C x_0 U_0 ... x_{d-1} U_{d-1}``, core ``C`` of shape ``(r_0, ..., r_{d-1}, *w)`` where ``w`` are
+trailing dense modes without a factor (a convolution window in ``channels`` mode), factors ``U_i`` ``(n_i, r_i)``
+with orthonormal columns.  ``Mat_i`` is the mode-``i`` unfolding (:func:`tucker_peft.tensor_ops.unfold`).
+
+One step, with gradients ``g_i = dL/dU_i``, ``g_C = dL/dC`` of one backward pass and a step size ``lam``:
+
+1. :func:`unfolding_polar`: ``Mat_i(C)^T = Q_i R_i`` with ``R_i`` symmetric PSD (so ``K_i = U_i R_i`` keeps its
+   columns in ``U_i``'s frame), and the pseudo-inverse ``R_i^+`` with a relative cutoff.
+2. ``dL/dK_i = g_i R_i^+`` (:func:`k_gradient`); ``K_i' = K_i - lam * D_i`` with ``D_i`` that gradient or an
+   adaptive direction.
+3. :func:`new_directions`: ``Ut_i = [U_i, Uhat_i]`` with ``Uhat_i`` orthonormal, ``Uhat_i ⟂ U_i``, spanning ``(I - U_i U_i^T) K_i'``, and the
+   core block ``Uhat_i^T K_i' Q_i^T`` (rows of directions below a small multiple of ``||K_i'||`` set to zero).
+4. :func:`augmented_core`: the core ``Ct`` on ``Ut_i = [U_i, Uhat_i]`` by blocks: old block ``C - lam * D_C``,
+   mode-``i``-new blocks from 3, zero elsewhere.  Then ``Ct x Ut = dW - lam * P_T(G)`` (for the plain direction).
+5. :func:`mode_svds`, :func:`truncation_ranks`, :func:`truncate`: HOSVD truncation with the relative tolerance
+   ``theta = tau * ||Ct||_F``, ranks clamped to ``[min_rank, max_rank]`` and to valid Tucker ranks.
+
+Nothing here knows about modules, optimizers or moments; the integrator composes these functions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .tensor_ops import fold, mode_dot, unfold, valid_tucker_ranks
+
+
+def default_rcond(dtype: torch.dtype) -> float:
+    """Relative cutoff for ``R_i^+``: ``sqrt(eps)`` of the dtype (3.5e-4 in fp32, 1.5e-8 in fp64)."""
+    return math.sqrt(torch.finfo(dtype).eps)
+
+
+def unfolding_polar(core: torch.Tensor, mode: int, rcond: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``Mat_mode(C)^T = Q R``: ``Q`` ``(m, r)`` orthonormal columns, ``R`` ``(r, r)`` symmetric PSD, and ``R^+``.
+
+    From the thin SVD ``Mat^T = A S B^T``: ``Q = A B^T``, ``R = B S B^T``, ``R^+ = B S^+ B^T`` where singular values
+    ``<= rcond * max(S)`` are treated as zero (so a zero core gives ``R^+ = 0``: the first step only moves the core).
+    Requires ``m >= r`` (a valid Tucker rank).
+    """
+    mat_t = unfold(core, mode).T
+    a, s, bh = torch.linalg.svd(mat_t, full_matrices=False)
+    q = a @ bh
+    r = bh.T @ (s[:, None] * bh)
+    keep = s > rcond * s[:1]
+    s_inv = torch.where(keep, 1.0 / torch.where(keep, s, torch.ones_like(s)), torch.zeros_like(s))
+    r_pinv = bh.T @ (s_inv[:, None] * bh)
+    return q, r, r_pinv
+
+
+def k_gradient(factor_grad: torch.Tensor, r_pinv: torch.Tensor) -> torch.Tensor:
+    """``dL/dK_i = g_i R_i^+`` ``(n_i, r_i)``: the gradient with respect to ``K_i = U_i R_i``."""
+    return factor_grad @ r_pinv
+
+
+def new_directions(
+    factor: torch.Tensor, k_step: torch.Tensor, k_norm: torch.Tensor, q: torch.Tensor, rel_eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """New basis directions for one mode and their core block.
+
+    Args:
+        factor: ``U`` ``(n, r)``, orthonormal columns.
+        k_step: ``K' - K = -lam * D`` ``(n, r)``; only its part orthogonal to ``U`` matters (``U^T K = R``).
+        k_norm: ``||K'||_F`` (0-dim), the reference for dropping round-off directions.
+        q: ``Q`` ``(m, r)`` from :func:`unfolding_polar`.
+        rel_eps: directions whose singular value is ``<= rel_eps * ||K'||`` get a zero core block.
+
+    Returns:
+        ``Ut = [U', Uhat]`` ``(n, r + k)``, ``k = min(r, n - r)``, and the block ``Uhat^T K' Q^T`` ``(k, m)``: the
+        mode-unfolding of the core block "this mode new, the others old".  Both come from one Householder QR of
+        ``[U, k_step]``, so ``Ut`` is orthonormal to machine precision even when the step is rank deficient; ``U'``
+        is ``U`` re-orthonormalized by that QR (equal to ``U`` up to its own round-off), which keeps ``U^T U = I``
+        from drifting over many steps.
+    """
+    n, r = factor.shape
+    k = min(r, n - r)
+    basis, tri = torch.linalg.qr(torch.cat([factor, k_step], dim=1))
+    signs = torch.sign(torch.diagonal(tri[:r, :r]))
+    u_old = basis[:, :r] * torch.where(signs == 0, torch.ones_like(signs), signs)
+    if k == 0:
+        return u_old, factor.new_zeros(0, q.shape[0])
+    q2 = basis[:, r : r + k]
+    # (I - U U^T) k_step = q2 @ tri[r:r+k, r:]; rotate q2 to its singular directions to rank them
+    a, s, bh = torch.linalg.svd(tri[r : r + k, r:], full_matrices=False)
+    u_hat = q2 @ a
+    s = torch.where(s > rel_eps * k_norm, s, torch.zeros_like(s))
+    block = (s[:, None] * bh) @ q.T
+    return torch.cat([u_old, u_hat], dim=1), block
+
+
+def augmented_core(old_block: torch.Tensor, new_blocks: Sequence[torch.Tensor], n_factors: int) -> torch.Tensor:
+    """Assemble ``Ct`` ``(rt_0, ..., rt_{d-1}, *w)``: ``old_block`` in the leading corner, mode-``i``-new blocks.
+
+    ``new_blocks[i]`` is the mode-``i`` unfolding ``(k_i, m_i)`` of a tensor whose mode ``i`` has size ``k_i`` and
+    whose other modes have the old sizes.
+    """
+    old_shape = list(old_block.shape)
+    ks = [b.shape[0] for b in new_blocks]
+    shape = [s + (ks[i] if i < n_factors else 0) for i, s in enumerate(old_shape)]
+    ct = old_block.new_zeros(shape)
+    ct[tuple(slice(0, s) for s in old_shape)] = old_block
+    for i, block in enumerate(new_blocks):
+        if ks[i] == 0:
+            continue
+        block_shape = list(old_shape)
+        block_shape[i] = ks[i]
+        index = [slice(0, s) for s in old_shape]
+        index[i] = slice(old_shape[i], old_shape[i] + ks[i])
+        ct[tuple(index)] = fold(block, i, block_shape)
+    return ct
+
+
+def mode_svds(ct: torch.Tensor, n_factors: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(P_i, sigma_i)`` per factorized mode: left singular vectors and singular values of ``Mat_i(Ct)``.
+
+    A matrix core (two modes, no dense window) needs one SVD: ``P_0 = U``, ``P_1 = V``.
+    """
+    if n_factors == 2 and ct.dim() == 2:
+        p0, s, p1h = torch.linalg.svd(ct, full_matrices=False)
+        return [(p0, s), (p1h.T, s)]
+    out = []
+    for i in range(n_factors):
+        p, s, _ = torch.linalg.svd(unfold(ct, i), full_matrices=False)
+        out.append((p, s))
+    return out
+
+
+def truncation_ranks(
+    sigmas: Sequence[Sequence[float]],
+    theta: float,
+    min_rank: int,
+    max_rank: int,
+    dense_sizes: Sequence[int] = (),
+) -> list[int]:
+    """Ranks after truncation (host-side arithmetic on singular values already copied to the CPU).
+
+    Per mode: the smallest ``r`` with ``||sigma[r:]||_2 <= theta``, clamped to ``[min_rank, max_rank]`` and to the
+    available directions, then reduced to a valid Tucker rank (``r_i <= prod_{j != i} r_j * prod(w)``).
+    """
+    ranks = []
+    for sigma in sigmas:
+        tail_sq, r = 0.0, len(sigma)
+        theta_sq = theta * theta
+        for j in range(len(sigma) - 1, -1, -1):
+            tail_sq += sigma[j] * sigma[j]
+            if tail_sq > theta_sq:
+                break
+            r = j
+        ranks.append(min(max(r, min_rank, 1), max_rank, len(sigma)))
+    return valid_tucker_ranks(ranks, dense_sizes)
+
+
+def truncate(
+    ct: torch.Tensor, factors: Sequence[torch.Tensor], projections: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``C = Ct x_i P_i^T``, ``U_i = Ut_i P_i`` for the (already cut) projections ``P_i`` ``(rt_i, r_i)``."""
+    core = ct
+    for i, p in enumerate(projections):
+        core = mode_dot(core, p.T, i)
+    return core, [u @ p for u, p in zip(factors, projections)]
+
+
+def tangent_projection(
+    grad: torch.Tensor, core: torch.Tensor, factors: Sequence[torch.Tensor], rcond: float | None = None
+) -> torch.Tensor:
+    """Dense ``P_T(G)``: projection of a dense gradient onto the tangent space of the Tucker manifold at ``dW``.
+
+    ``P_T(G) = Cdot x_j U_j + sum_i C x_i Udot_i x_{j != i} U_j`` with ``Cdot = G x_j U_j^T`` and
+    ``Udot_i = (I - U_i U_i^T) Mat_i(G x_{j != i} U_j^T) Mat_i(C)^+``.  Dense (``O(prod n_i)``): for tests and
+    references only, never used in training.
+    """
+    d = len(factors)
+    rcond = default_rcond(grad.dtype) if rcond is None else rcond
+    core_dot = grad
+    for j, u in enumerate(factors):
+        core_dot = mode_dot(core_dot, u.T, j)
+    out = core_dot
+    for j, u in enumerate(factors):
+        out = mode_dot(out, u, j)
+    for i in range(d):
+        partial = grad
+        for j, u in enumerate(factors):
+            if j != i:
+                partial = mode_dot(partial, u.T, j)
+        mat_c = unfold(core, i)
+        u_dot = unfold(partial, i) @ torch.linalg.pinv(mat_c, rtol=rcond)
+        u_dot = u_dot - factors[i] @ (factors[i].T @ u_dot)
+        term = core
+        for j, u in enumerate(factors):
+            term = mode_dot(term, u_dot if j == i else u, j)
+        out = out + term
+    return out
