@@ -323,7 +323,7 @@ class TuckerOptimizer(Optimizer):
         """Load moments and step count; refuses state whose shapes disagree with the current ranks."""
         super().load_state_dict(state_dict)
         problems = []
-        for group, layer in zip(self.param_groups, self._layers):
+        for group in self.param_groups:
             core, *factors = group["params"]
             for key, value in self.state.get(core, {}).items():
                 if not isinstance(value, torch.Tensor):
