@@ -45,6 +45,7 @@ from torch.optim import Optimizer
 from . import geometry
 from .layer import TuckerLayer
 from .model import iter_tucker_layers
+from .tensor_ops import multi_mode_dot
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -299,24 +300,36 @@ class TuckerOptimizer(Optimizer):
         core, factors = geometry.truncate(ct, plan["factors"], projections)
         layer.set_factors(self.adapter_name, core, factors)
 
-        new_state = plan["state"]
-        if new_state:
-            old_ranks, shape = plan["old_ranks"], ct.shape
-            for key, value in list(new_state.items()):
-                if key == "step":
-                    continue
-                second = key.startswith("exp_avg_sq_")
-                projs = [p * p for p in projections] if second else projections
-                if key.endswith("_core"):
-                    padded = value.new_zeros(shape)
-                    padded[tuple(slice(0, s) for s in value.shape)] = value
-                    new_state[key] = geometry.truncate(padded, [], projs)[0]
-                else:
-                    i = int(key[-1])
-                    padded = value.new_zeros(value.shape[0], shape[i])
-                    padded[:, : old_ranks[i]] = value
-                    new_state[key] = padded @ projs[i]
-            self.state[group["params"][0]] = new_state
+        if plan["state"]:
+            self.state[group["params"][0]] = self._transport_moments(
+                plan["state"], projections, plan["old_ranks"], tuple(ct.shape)
+            )
+
+    @staticmethod
+    def _transport_moments(
+        state: dict[str, Any], projections: list[torch.Tensor], old_ranks: list[int], augmented_shape: tuple[int, ...]
+    ) -> dict[str, Any]:
+        """Carry Adam moments from the old ranks to the truncated ones, in the coordinates of ``K_i`` and ``C``.
+
+        Augmentation pads with zeros (new directions have no history); truncation applies the same ``P_i`` as the
+        factors: ``m <- m P_i``, ``m_C <- m_C x_i P_i^T``, and for second moments the mixing form with ``P_i * P_i``.
+        """
+        out = {}
+        for key, value in state.items():
+            if key == "step":
+                out[key] = value
+                continue
+            projs = [p * p for p in projections] if key.startswith("exp_avg_sq_") else projections
+            if key.endswith("_core"):
+                padded = value.new_zeros(augmented_shape)
+                padded[tuple(slice(0, s) for s in value.shape)] = value
+                out[key] = multi_mode_dot(padded, [p.T for p in projs], range(len(projs)))
+            else:
+                i = int(key[-1])
+                padded = value.new_zeros(value.shape[0], augmented_shape[i])
+                padded[:, : old_ranks[i]] = value
+                out[key] = padded @ projs[i]
+        return out
 
     # ------------------------------------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

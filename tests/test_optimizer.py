@@ -1,0 +1,364 @@
+"""TuckerOptimizer: planted ranks, descent, truncation bound, moment transport, robustness, state."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import get_peft_model
+from torch import nn
+
+import tucker_peft
+from tucker_peft import TuckerLoraConfig, TuckerOptimizer, geometry
+
+from .conftest import tiny_bert
+from .test_layers import Net
+
+
+def _planted_linear(rank=3, n_out=40, n_in=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    base = nn.Linear(n_in, n_out)
+    u = torch.linalg.qr(torch.randn(n_out, rank, generator=g))[0]
+    v = torch.linalg.qr(torch.randn(n_in, rank, generator=g))[0]
+    dstar = u @ torch.diag(torch.linspace(3.0, 1.0, rank)) @ v.T
+    return base, dstar, g
+
+
+def _check_invariants(opt, min_rank, max_rank):
+    for layer in opt._layers:
+        for u in layer.factors("default"):
+            torch.testing.assert_close(u.T @ u, torch.eye(u.shape[1]), atol=1e-5, rtol=0)
+        assert all(min_rank <= r <= max_rank for r in layer.ranks("default"))
+
+
+@pytest.mark.parametrize(("direction", "lr", "steps"), [("sgd", 0.5, 150), ("adam", 2e-2, 250)])
+def test_planted_linear_rank_is_recovered(direction, lr, steps):
+    base, dstar, g = _planted_linear()
+    target = base.weight.detach() + dstar
+    model = get_peft_model(Net(base), TuckerLoraConfig(target_modules=["layer"], r=8, alpha=8, tau=0.1))
+    opt = TuckerOptimizer(model, lr=lr, direction=direction)
+    layer = model.base_model.model.layer
+    first = None
+    for _ in range(steps):
+        x = torch.randn(64, 48, generator=g)
+        loss = ((model(x) - F.linear(x, target, base.bias)) ** 2).sum(1).mean() / 2
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        _check_invariants(opt, 1, 32)
+    assert layer.ranks("default") == (3, 3)
+    assert loss.item() < 1e-4 * first
+    err = torch.linalg.norm(layer.get_delta_weight("default") - dstar) / torch.linalg.norm(dstar)
+    assert err < 1e-2
+
+
+@pytest.mark.parametrize(("direction", "lr", "steps"), [("sgd", 2.0, 120), ("adam", 1e-2, 300)])
+def test_planted_conv_channel_ranks_are_recovered(direction, lr, steps):
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    base = nn.Conv2d(6, 8, 3, padding=1)
+    u_out = torch.linalg.qr(torch.randn(8, 3, generator=g))[0]
+    u_in = torch.linalg.qr(torch.randn(6, 2, generator=g))[0]
+    dstar = torch.einsum("abxy,Aa,Bb->ABxy", torch.randn(3, 2, 3, 3, generator=g), u_out, u_in)
+    dstar = 3 * dstar / dstar.norm()
+    target = base.weight.detach() + dstar
+    model = get_peft_model(Net(base), TuckerLoraConfig(target_modules=["layer"], r=8, alpha=8, tau=0.1))
+    opt = TuckerOptimizer(model, lr=lr, direction=direction)
+    first = None
+    for _ in range(steps):
+        x = torch.randn(16, 6, 8, 8, generator=g)
+        loss = ((model(x) - F.conv2d(x, target, base.bias, padding=1)) ** 2).mean()
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        _check_invariants(opt, 1, 32)
+    layer = model.base_model.model.layer
+    assert layer.ranks("default") == (3, 2)
+    assert loss.item() < 1e-4 * first
+    assert torch.linalg.norm(layer.get_delta_weight("default") - dstar) / torch.linalg.norm(dstar) < 1e-2
+
+
+def _fixed_problem(seed=0):
+    """A planted rank-3 regression with one fixed batch: a smooth, deterministic quadratic loss."""
+    base, dstar, g = _planted_linear(seed=seed)
+    target = base.weight.detach() + dstar
+    x = torch.randn(256, 48, generator=g)
+    model = get_peft_model(Net(base), TuckerLoraConfig(target_modules=["layer"], r=8, alpha=8, tau=0.1))
+
+    def loss_fn(m=model):
+        return ((m(x) - F.linear(x, target, base.bias)) ** 2).sum(1).mean() / 2
+
+    def dense_grad(w):  # dL/dW of the same loss at the weight w
+        return (w - target) @ (x.T @ x) / x.shape[0]
+
+    return model, loss_fn, x, dense_grad
+
+
+def test_descent_for_small_steps():
+    model, loss_fn, _, _ = _fixed_problem()
+    opt = TuckerOptimizer(model, lr=0.05, direction="sgd", tau=0.0)
+    losses = []
+    for _ in range(30):
+        loss = loss_fn()
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(b < a for a, b in zip(losses, losses[1:]))
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_truncation_raises_the_loss_at_most_by_the_tail_bound():
+    """Quadratic loss: L(W + E) - L(W) <= ||dL/dW|| ||E|| + (lambda_max / 2) ||E||^2, with the HOSVD truncation
+    error ||E|| <= s sqrt(d) theta, theta = tau ||C||."""
+    model, loss_fn, x, dense_grad = _fixed_problem()
+    opt = TuckerOptimizer(model, lr=0.2, direction="sgd", tau=0.0)
+    for _ in range(3):  # away from the zero core, with grown ranks
+        opt.zero_grad()
+        loss_fn().backward()
+        opt.step()
+    lam_max = torch.linalg.eigvalsh(x.T @ x / x.shape[0]).max().item()
+    for tau in (0.05, 0.2, 0.5):
+        snapshot = copy.deepcopy(model)
+        layer = snapshot.base_model.model.layer
+        core, factors = layer.core("default").detach(), [u.detach() for u in layer.factors("default")]
+        svds = geometry.mode_svds(core, 2)
+        theta = tau * torch.linalg.norm(core).item()
+        ranks = geometry.truncation_ranks([s.tolist() for _, s in svds], theta, 1, 32)
+        assert ranks[0] < core.shape[0]  # something is cut
+        with torch.no_grad():
+            before = loss_fn(snapshot).item()
+            w_before = (layer.get_base_layer().weight + layer.get_delta_weight("default")).detach()
+            new_core, new_factors = geometry.truncate(core, factors, [p[:, :r] for (p, _), r in zip(svds, ranks)])
+            layer.set_factors("default", new_core, new_factors)
+            after = loss_fn(snapshot).item()
+            w_after = layer.get_base_layer().weight + layer.get_delta_weight("default")
+        error = torch.linalg.norm(w_after - w_before).item()
+        bound = layer.scaling["default"] * math.sqrt(2) * theta
+        assert 0 < error <= bound * (1 + 1e-5)
+        grad_norm = torch.linalg.norm(dense_grad(w_before)).item()
+        assert after - before <= grad_norm * bound + 0.5 * lam_max * bound**2
+
+
+class StaleMomentsOptimizer(TuckerOptimizer):
+    """The defect we must not have: moments cut/padded by index, left in the old coordinates."""
+
+    @staticmethod
+    def _transport_moments(state, projections, old_ranks, augmented_shape):
+        out = {}
+        for key, value in state.items():
+            if key == "step":
+                out[key] = value
+                continue
+            ranks = [p.shape[1] for p in projections]
+            if key.endswith("_core"):
+                padded = value.new_zeros(augmented_shape)
+                padded[tuple(slice(0, s) for s in value.shape)] = value
+                out[key] = padded[tuple(slice(0, r) for r in ranks)].clone()
+            else:
+                i = int(key[-1])
+                padded = value.new_zeros(value.shape[0], augmented_shape[i])
+                padded[:, : value.shape[1]] = value
+                out[key] = padded[:, : ranks[i]].clone()
+        return out
+
+
+def _adam_run(cls):
+    model, loss_fn, _, _ = _fixed_problem()
+    opt = cls(model, lr=1e-2)
+    losses, rank_changes = [], []
+    for t in range(300):
+        loss = loss_fn()
+        losses.append(loss.item())
+        before = opt.ranks()["layer"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if opt.ranks()["layer"] != before:
+            rank_changes.append(t)
+    return losses, rank_changes
+
+
+def test_adam_moments_follow_rank_changes():
+    losses, rank_changes = _adam_run(TuckerOptimizer)
+    assert len(rank_changes) >= 3  # ranks really changed (8 -> ... -> 3)
+    for t in rank_changes:  # no spike after a rank change
+        if t + 1 < len(losses):
+            assert losses[t + 1] <= 1.05 * losses[t]
+    assert losses[-1] < 1e-6 * losses[0]
+    stale, _ = _adam_run(StaleMomentsOptimizer)
+    assert stale[-1] > 1e-2 * stale[0]  # moments in stale coordinates: training stalls
+
+
+def test_nonfinite_gradient_skips_the_step_bit_identically():
+    model = get_peft_model(tiny_bert(), TuckerLoraConfig(task_type="SEQ_CLS", r=4))
+    opt = TuckerOptimizer(model, lr=1e-2)
+    ids = torch.randint(0, 120, (2, 6))
+    model(input_ids=ids).logits.sum().backward()
+    opt.step()  # one real step so that moments exist
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "tucker_" in n}
+    state_before = copy.deepcopy(opt.state_dict())
+    opt.zero_grad()
+    model(input_ids=ids).logits.sum().backward()
+    layer = opt._layers[3]
+    layer.factors("default")[1].grad[0, 0] = float("nan")
+    opt._layers[0].core("default").grad[0, 0] = float("inf")
+    with pytest.warns(RuntimeWarning, match="non-finite gradients"):
+        opt.step()
+    for n, p in model.named_parameters():
+        if "tucker_" in n:
+            assert torch.equal(p, before[n]), n
+    after = opt.state_dict()
+    assert after["state"].keys() == state_before["state"].keys()
+    for k, v in state_before["state"].items():
+        for key, value in v.items():
+            assert torch.equal(torch.as_tensor(after["state"][k][key]), torch.as_tensor(value))
+    assert opt.skipped_steps == 1
+
+
+def test_layer_without_gradient_is_left_alone():
+    model = get_peft_model(tiny_bert(), TuckerLoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query"]))
+    opt = TuckerOptimizer(model, lr=1e-2)
+    layers = opt._layers
+    ids = torch.randint(0, 120, (2, 6))
+    model(input_ids=ids).logits.sum().backward()
+    layers[1].core("default").grad = None
+    for u in layers[1].factors("default"):
+        u.grad = None
+    untouched = [p.detach().clone() for p in [layers[1].core("default"), *layers[1].factors("default")]]
+    moved = layers[0].core("default").detach().clone()
+    opt.step()
+    for p, q in zip([layers[1].core("default"), *layers[1].factors("default")], untouched):
+        assert torch.equal(p, q)
+    assert not torch.equal(layers[0].core("default"), moved)
+
+
+def test_rank_at_max_rank_keeps_training():
+    base, dstar, g = _planted_linear(rank=6)
+    target = base.weight.detach() + dstar
+    model = get_peft_model(Net(base), TuckerLoraConfig(target_modules=["layer"], r=2, max_rank=4, alpha=2, tau=0.0))
+    opt = TuckerOptimizer(model, lr=0.5, direction="sgd")
+    x = torch.randn(256, 48, generator=g)
+    losses = []
+    for _ in range(60):
+        loss = ((model(x) - F.linear(x, target, base.bias)) ** 2).sum(1).mean() / 2
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert opt.ranks()["layer"] != (2, 2)
+    # the best rank-4 approximation of the rank-6 target leaves the two smallest singular values (1.4, 1.0)
+    singular = torch.linspace(3.0, 1.0, 6)
+    best = 0.5 * (singular[4:] ** 2).sum().item() * 1.0  # E||e x||^2 with x ~ N(0, I)
+    assert losses[-1] < 1.3 * best and losses[-1] < losses[20]
+
+
+def test_weight_decay_shrinks_core_only():
+    model = get_peft_model(Net(nn.Linear(12, 10)), TuckerLoraConfig(target_modules=["layer"], r=3, init_weights=False))
+    layer = model.base_model.model.layer
+    opt = TuckerOptimizer(model, lr=0.1, direction="sgd", weight_decay=0.5, tau=0.0)
+    core = layer.core("default").detach().clone()
+    factors = [u.detach().clone() for u in layer.factors("default")]
+    for p in [layer.core("default"), *layer.factors("default")]:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    # zero gradient: only the decay acts, on the core: dW scales by (1 - lr * wd), the bases span the same spaces
+    new = layer.get_delta_weight("default")
+    ref = (1 - 0.1 * 0.5) * (factors[0] @ core @ factors[1].T) * layer.scaling["default"]
+    torch.testing.assert_close(new, ref, atol=1e-6, rtol=1e-5)
+
+
+def test_state_dict_round_trip_continues_exactly():
+    def make():
+        torch.manual_seed(0)
+        model = get_peft_model(
+            tiny_bert(), TuckerLoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"])
+        )
+        return model, TuckerOptimizer(model, lr=1e-2)
+
+    ids = torch.randint(0, 120, (4, 7), generator=torch.Generator().manual_seed(1))
+
+    def train(model, opt, n):
+        for _ in range(n):
+            opt.zero_grad()
+            (model(input_ids=ids).logits ** 2).sum().backward()
+            opt.step()
+
+    straight, opt_straight = make()
+    train(straight, opt_straight, 6)
+
+    first, opt_first = make()
+    train(first, opt_first, 3)
+    adapter = {k: v.clone() for k, v in first.state_dict().items() if "tucker_" in k}
+    saved = copy.deepcopy(opt_first.state_dict())
+    resumed, opt_resumed = make()
+    # shapes follow the ranks of the checkpoint: rebuild the factors at those ranks, then load
+    for (_, a), (_, b) in zip(tucker_peft.iter_tucker_layers(first), tucker_peft.iter_tucker_layers(resumed)):
+        b.set_factors("default", a.core("default").detach(), [u.detach() for u in a.factors("default")])
+    resumed.load_state_dict(adapter, strict=False)
+    opt_resumed.load_state_dict(saved)
+    train(resumed, opt_resumed, 3)
+    assert opt_resumed.ranks() == opt_straight.ranks()
+    for (n, p), (_, q) in zip(straight.named_parameters(), resumed.named_parameters()):
+        if "tucker_" in n:
+            torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+
+
+def test_optimizer_state_with_other_ranks_is_refused():
+    model = get_peft_model(Net(nn.Linear(12, 10)), TuckerLoraConfig(target_modules=["layer"], r=4, init_weights=False))
+    opt = TuckerOptimizer(model, lr=1e-2, tau=0.0)
+    model(torch.randn(8, 12)).pow(2).sum().backward()
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    assert opt.ranks()["layer"] != (2, 2)
+    other = get_peft_model(Net(nn.Linear(12, 10)), TuckerLoraConfig(target_modules=["layer"], r=4))
+    layer = other.base_model.model.layer
+    u0, u1 = layer.factors("default")
+    layer.set_factors("default", torch.zeros(2, 2), [u0[:, :2].detach(), u1[:, :2].detach()])
+    with pytest.raises(ValueError, match="does not match the current ranks"):
+        TuckerOptimizer(other, lr=1e-2).load_state_dict(saved)
+
+
+def test_misuse_errors():
+    with pytest.raises(ValueError, match="has no Tucker adapter"):
+        TuckerOptimizer(Net(nn.Linear(3, 3)))
+    model = get_peft_model(Net(nn.Linear(12, 10)), TuckerLoraConfig(target_modules=["layer"]))
+    with pytest.raises(ValueError, match="direction"):
+        TuckerOptimizer(model, direction="rmsprop")
+    opt = TuckerOptimizer(model)
+    with pytest.raises(RuntimeError, match="another TuckerOptimizer"):
+        TuckerOptimizer(model)
+    del opt
+    import gc
+
+    gc.collect()
+    TuckerOptimizer(model)  # the first one is gone: allowed again
+
+
+def test_parameter_split_for_the_base_optimizer():
+    model = get_peft_model(tiny_bert(), TuckerLoraConfig(task_type="SEQ_CLS", r=4))
+    tucker = {id(p) for p in tucker_peft.tucker_parameters(model)}
+    others = tucker_peft.non_tucker_parameters(model)
+    assert len(tucker) == 3 * 12 and others
+    assert not any(id(p) in tucker for p in others)
+    assert {id(p) for p in model.parameters() if p.requires_grad} == tucker | {id(p) for p in others}
+    opt = TuckerOptimizer(model)
+    assert opt.num_adapter_parameters() == tucker_peft.adapter_parameter_count(model)
+
+
+def test_loss_does_not_change_at_init_or_with_lr_zero():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model, loss_fn, _, _ = _fixed_problem()
+        opt = TuckerOptimizer(model, lr=0.0, tau=0.0)
+        before = loss_fn().item()
+        loss_fn().backward()
+        opt.step()
+        assert loss_fn().item() == pytest.approx(before, rel=1e-6)
