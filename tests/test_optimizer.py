@@ -129,14 +129,14 @@ def test_truncation_raises_the_loss_at_most_by_the_tail_bound():
         snapshot = copy.deepcopy(model)
         layer = snapshot.base_model.model.layer
         core, factors = layer.core("default").detach(), [u.detach() for u in layer.factors("default")]
-        svds = geometry.mode_svds(core, 2)
+        svds = geometry.mode_svds(core[None], 2)  # a batch of one
         theta = tau * torch.linalg.norm(core).item()
-        ranks = geometry.truncation_ranks([s.tolist() for _, s in svds], theta, 1, 32)
+        ranks = geometry.truncation_ranks([s[0].tolist() for _, s in svds], theta, 1, 32)
         assert ranks[0] < core.shape[0]  # something is cut
         with torch.no_grad():
             before = loss_fn(snapshot).item()
             w_before = (layer.get_base_layer().weight + layer.get_delta_weight("default")).detach()
-            new_core, new_factors = geometry.truncate(core, factors, [p[:, :r] for (p, _), r in zip(svds, ranks)])
+            new_core, new_factors = geometry.truncate(core, factors, [p[0, :, :r] for (p, _), r in zip(svds, ranks)])
             layer.set_factors("default", new_core, new_factors)
             after = loss_fn(snapshot).item()
             w_after = layer.get_base_layer().weight + layer.get_delta_weight("default")
@@ -362,3 +362,38 @@ def test_loss_does_not_change_at_init_or_with_lr_zero():
         loss_fn().backward()
         opt.step()
         assert loss_fn().item() == pytest.approx(before, rel=1e-6)
+
+
+def test_batched_update_equals_one_layer_at_a_time():
+    """Layers of equal shapes are updated in one batch; the result must equal updating them one by one."""
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 12), nn.Linear(16, 12)
+
+        def forward(self, x):
+            return self.a(x) + 2 * self.b(x).tanh()
+
+    torch.manual_seed(0)
+    model = get_peft_model(Two(), TuckerLoraConfig(target_modules=["a", "b"], r=4, init_weights=False, tau=0.2))
+    model = model.double()
+    other = copy.deepcopy(model)
+    x = torch.randn(32, 16, dtype=torch.float64)
+    model(x).pow(2).sum().backward()
+    other(x).pow(2).sum().backward()
+    TuckerOptimizer(model, lr=0.05, direction="sgd").step()  # both layers in one batch
+
+    opt = TuckerOptimizer(other, lr=0.05, direction="sgd")
+    layer_a, layer_b = opt._layers
+    saved = [p.grad for p in [layer_b.core("default"), *layer_b.factors("default")]]
+    for p in [layer_b.core("default"), *layer_b.factors("default")]:
+        p.grad = None
+    opt.step()  # layer a alone
+    for p, g in zip([layer_b.core("default"), *layer_b.factors("default")], saved):
+        p.grad = g
+    opt.step()  # layer b alone (layer a has no gradient any more)
+    for (n, p), (_, q) in zip(model.named_parameters(), other.named_parameters()):
+        if "tucker_" in n:
+            assert p.shape == q.shape
+            torch.testing.assert_close(p, q, atol=1e-12, rtol=1e-10)

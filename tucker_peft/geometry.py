@@ -17,7 +17,10 @@ One step, with gradients ``g_i = dL/dU_i``, ``g_C = dL/dC`` of one backward pass
 5. :func:`mode_svds`, :func:`truncation_ranks`, :func:`truncate`: HOSVD truncation with the relative tolerance
    ``theta = tau * ||Ct||_F``, ranks clamped to ``[min_rank, max_rank]`` and to valid Tucker ranks.
 
-Nothing here knows about modules, optimizers or moments; the integrator composes these functions.
+Batching: the functions of steps 1-5 take a leading batch dimension ``B`` (layers of equal shapes are updated
+together, with one batched SVD/QR per kind of operation); :func:`truncate` and :func:`truncation_ranks` act on one
+tensor, since ranks differ between layers.  Nothing here knows about modules, optimizers or moments; the integrator
+composes these functions.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .tensor_ops import fold, mode_dot, unfold, valid_tucker_ranks
+from .tensor_ops import mode_dot, unfold, valid_tucker_ranks
 
 
 def default_rcond(dtype: torch.dtype) -> float:
@@ -35,96 +38,107 @@ def default_rcond(dtype: torch.dtype) -> float:
     return math.sqrt(torch.finfo(dtype).eps)
 
 
+def batched_unfold(tensor: torch.Tensor, mode: int) -> torch.Tensor:
+    """Mode-``mode`` unfolding of each tensor of a batch ``(B, ...)``: ``(B, n_mode, prod of the others)``."""
+    return torch.movedim(tensor, mode + 1, 1).reshape(tensor.shape[0], tensor.shape[mode + 1], -1)
+
+
+def batched_fold(matrix: torch.Tensor, mode: int, shape: Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`batched_unfold`; ``shape`` excludes the batch dimension."""
+    moved = [matrix.shape[0], shape[mode], *(s for i, s in enumerate(shape) if i != mode)]
+    return torch.movedim(matrix.reshape(moved), 1, mode + 1)
+
+
 def unfolding_polar(core: torch.Tensor, mode: int, rcond: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``Mat_mode(C)^T = Q R``: ``Q`` ``(m, r)`` orthonormal columns, ``R`` ``(r, r)`` symmetric PSD, and ``R^+``.
+    """``Mat_mode(C)^T = Q R`` for a batch of cores ``(B, ...)``: ``Q`` ``(B, m, r)`` orthonormal columns, ``R``
+    ``(B, r, r)`` symmetric PSD, and ``R^+``.
 
     From the thin SVD ``Mat^T = A S B^T``: ``Q = A B^T``, ``R = B S B^T``, ``R^+ = B S^+ B^T`` where singular values
     ``<= rcond * max(S)`` are treated as zero (so a zero core gives ``R^+ = 0``: the first step only moves the core).
     Requires ``m >= r`` (a valid Tucker rank).
     """
-    mat_t = unfold(core, mode).T
+    mat_t = batched_unfold(core, mode).transpose(-1, -2)
     a, s, bh = torch.linalg.svd(mat_t, full_matrices=False)
+    b = bh.transpose(-1, -2)
     q = a @ bh
-    r = bh.T @ (s[:, None] * bh)
-    keep = s > rcond * s[:1]
+    r = b @ (s[..., :, None] * bh)
+    keep = s > rcond * s[..., :1]
     s_inv = torch.where(keep, 1.0 / torch.where(keep, s, torch.ones_like(s)), torch.zeros_like(s))
-    r_pinv = bh.T @ (s_inv[:, None] * bh)
+    r_pinv = b @ (s_inv[..., :, None] * bh)
     return q, r, r_pinv
 
 
 def k_gradient(factor_grad: torch.Tensor, r_pinv: torch.Tensor) -> torch.Tensor:
-    """``dL/dK_i = g_i R_i^+`` ``(n_i, r_i)``: the gradient with respect to ``K_i = U_i R_i``."""
+    """``dL/dK_i = g_i R_i^+`` ``(B, n_i, r_i)``: the gradient with respect to ``K_i = U_i R_i``."""
     return factor_grad @ r_pinv
 
 
 def new_directions(
     factor: torch.Tensor, k_step: torch.Tensor, k_norm: torch.Tensor, q: torch.Tensor, rel_eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """New basis directions for one mode and their core block.
+    """Augmented basis of one mode and the new core block, for a batch.
 
     Args:
-        factor: ``U`` ``(n, r)``, orthonormal columns.
-        k_step: ``K' - K = -lam * D`` ``(n, r)``; only its part orthogonal to ``U`` matters (``U^T K = R``).
-        k_norm: ``||K'||_F`` (0-dim), the reference for dropping round-off directions.
-        q: ``Q`` ``(m, r)`` from :func:`unfolding_polar`.
+        factor: ``U`` ``(B, n, r)``, orthonormal columns.
+        k_step: ``K' - K = -lam * D`` ``(B, n, r)``; only its part orthogonal to ``U`` matters (``U^T K = R``).
+        k_norm: ``||K'||_F`` ``(B,)``, the reference for dropping round-off directions.
+        q: ``Q`` ``(B, m, r)`` from :func:`unfolding_polar`.
         rel_eps: directions whose singular value is ``<= rel_eps * ||K'||`` get a zero core block.
 
     Returns:
-        ``Ut = [U', Uhat]`` ``(n, r + k)``, ``k = min(r, n - r)``, and the block ``Uhat^T K' Q^T`` ``(k, m)``: the
-        mode-unfolding of the core block "this mode new, the others old".  Both come from one Householder QR of
+        ``Ut = [U', Uhat]`` ``(B, n, r + k)``, ``k = min(r, n - r)``, and the block ``Uhat^T K' Q^T`` ``(B, k, m)``:
+        the mode-unfolding of the core block "this mode new, the others old".  Both come from one Householder QR of
         ``[U, k_step]``, so ``Ut`` is orthonormal to machine precision even when the step is rank deficient; ``U'``
         is ``U`` re-orthonormalized by that QR (equal to ``U`` up to its own round-off), which keeps ``U^T U = I``
         from drifting over many steps.
     """
-    n, r = factor.shape
+    n, r = factor.shape[-2:]
     k = min(r, n - r)
-    basis, tri = torch.linalg.qr(torch.cat([factor, k_step], dim=1))
-    signs = torch.sign(torch.diagonal(tri[:r, :r]))
-    u_old = basis[:, :r] * torch.where(signs == 0, torch.ones_like(signs), signs)
+    basis, tri = torch.linalg.qr(torch.cat([factor, k_step], dim=-1))
+    signs = torch.sign(torch.diagonal(tri[..., :r, :r], dim1=-2, dim2=-1))
+    u_old = basis[..., :r] * torch.where(signs == 0, torch.ones_like(signs), signs)[..., None, :]
     if k == 0:
-        return u_old, factor.new_zeros(0, q.shape[0])
-    q2 = basis[:, r : r + k]
+        return u_old, factor.new_zeros(factor.shape[0], 0, q.shape[-2])
+    q2 = basis[..., r : r + k]
     # (I - U U^T) k_step = q2 @ tri[r:r+k, r:]; rotate q2 to its singular directions to rank them
-    a, s, bh = torch.linalg.svd(tri[r : r + k, r:], full_matrices=False)
+    a, s, bh = torch.linalg.svd(tri[..., r : r + k, r:], full_matrices=False)
     u_hat = q2 @ a
-    s = torch.where(s > rel_eps * k_norm, s, torch.zeros_like(s))
-    block = (s[:, None] * bh) @ q.T
-    return torch.cat([u_old, u_hat], dim=1), block
+    s = torch.where(s > rel_eps * k_norm[:, None], s, torch.zeros_like(s))
+    block = (s[..., :, None] * bh) @ q.transpose(-1, -2)
+    return torch.cat([u_old, u_hat], dim=-1), block
 
 
 def augmented_core(old_block: torch.Tensor, new_blocks: Sequence[torch.Tensor], n_factors: int) -> torch.Tensor:
-    """Assemble ``Ct`` ``(rt_0, ..., rt_{d-1}, *w)``: ``old_block`` in the leading corner, mode-``i``-new blocks.
+    """Assemble ``Ct`` ``(B, rt_0, ..., rt_{d-1}, *w)``: ``old_block`` in the leading corner, mode-``i``-new blocks.
 
-    ``new_blocks[i]`` is the mode-``i`` unfolding ``(k_i, m_i)`` of a tensor whose mode ``i`` has size ``k_i`` and
-    whose other modes have the old sizes.
+    ``new_blocks[i]`` ``(B, k_i, m_i)`` is the mode-``i`` unfolding of a tensor whose mode ``i`` has size ``k_i``
+    and whose other modes have the old sizes.
     """
-    old_shape = list(old_block.shape)
-    ks = [b.shape[0] for b in new_blocks]
+    old_shape = list(old_block.shape[1:])
+    ks = [b.shape[1] for b in new_blocks]
     shape = [s + (ks[i] if i < n_factors else 0) for i, s in enumerate(old_shape)]
-    ct = old_block.new_zeros(shape)
-    ct[tuple(slice(0, s) for s in old_shape)] = old_block
+    ct = old_block.new_zeros([old_block.shape[0], *shape])
+    ct[(slice(None), *(slice(0, s) for s in old_shape))] = old_block
     for i, block in enumerate(new_blocks):
         if ks[i] == 0:
             continue
         block_shape = list(old_shape)
         block_shape[i] = ks[i]
-        index = [slice(0, s) for s in old_shape]
-        index[i] = slice(old_shape[i], old_shape[i] + ks[i])
-        ct[tuple(index)] = fold(block, i, block_shape)
+        index = [slice(None), *(slice(0, s) for s in old_shape)]
+        index[i + 1] = slice(old_shape[i], old_shape[i] + ks[i])
+        ct[tuple(index)] = batched_fold(block, i, block_shape)
     return ct
 
 
 def mode_svds(ct: torch.Tensor, n_factors: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(P_i, sigma_i)`` per factorized mode: left singular vectors and singular values of ``Mat_i(Ct)``.
-
-    A matrix core (two modes, no dense window) needs one SVD: ``P_0 = U``, ``P_1 = V``.
-    """
-    if n_factors == 2 and ct.dim() == 2:
+    """``(P_i, sigma_i)`` per factorized mode of a batch ``(B, ...)``: left singular vectors ``(B, rt_i, k)`` and
+    singular values ``(B, k)`` of ``Mat_i(Ct)``.  A matrix core (two modes, no window) needs one SVD."""
+    if n_factors == 2 and ct.dim() == 3:
         p0, s, p1h = torch.linalg.svd(ct, full_matrices=False)
-        return [(p0, s), (p1h.T, s)]
+        return [(p0, s), (p1h.transpose(-1, -2), s)]
     out = []
     for i in range(n_factors):
-        p, s, _ = torch.linalg.svd(unfold(ct, i), full_matrices=False)
+        p, s, _ = torch.linalg.svd(batched_unfold(ct, i), full_matrices=False)
         out.append((p, s))
     return out
 
@@ -158,9 +172,12 @@ def truncate(
     ct: torch.Tensor, factors: Sequence[torch.Tensor], projections: Sequence[torch.Tensor]
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """``C = Ct x_i P_i^T``, ``U_i = Ut_i P_i`` for the (already cut) projections ``P_i`` ``(rt_i, r_i)``."""
-    core = ct
-    for i, p in enumerate(projections):
-        core = mode_dot(core, p.T, i)
+    if ct.dim() == 2 and len(projections) == 2:  # matrix core: two matmuls
+        core = projections[0].T @ ct @ projections[1]
+    else:
+        core = ct
+        for i, p in enumerate(projections):
+            core = mode_dot(core, p.T, i)
     return core, [u @ p for u, p in zip(factors, projections)]
 
 

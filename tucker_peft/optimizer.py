@@ -45,7 +45,6 @@ from torch.optim import Optimizer
 from . import geometry
 from .layer import TuckerLayer
 from .model import iter_tucker_layers
-from .tensor_ops import multi_mode_dot
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -187,25 +186,26 @@ class TuckerOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        plans, finite_flags, host_values = [], [], []
+        # layers with equal shapes, settings and step count are updated together (batched SVD/QR)
+        batches: dict[tuple, list[tuple[dict, TuckerLayer]]] = {}
         for group, layer in zip(self.param_groups, self._layers):
             core, *factors = group["params"]
             if core.grad is None or any(u.grad is None for u in factors):
                 continue  # no gradient this step: leave the layer as it is
-            finite = torch.isfinite(core.grad).all()
-            for u in factors:
-                finite = finite & torch.isfinite(u.grad).all()
-            finite_flags.append(finite)
-            plan = self._augment(group, layer, finite)
-            plans.append(plan)
-            host_values.append(plan["theta"].reshape(1))
-            host_values.extend(s for _, s in plan["svds"])
-        if not plans:
+            settings = tuple((k, v) for k, v in sorted(group.items()) if k not in ("params", "name"))
+            key = (tuple(p.shape for p in group["params"]), core.dtype, core.device, settings)
+            key += (self.state[core].get("step", 0),)
+            batches.setdefault(key, []).append((group, layer))
+        if not batches:
             return loss
+        plans = [self._augment(members) for members in batches.values()]
 
         # the one host synchronisation of the step: finiteness and every layer's singular values
-        flags = torch.stack(finite_flags)
-        values = torch.cat([flags.to(host_values[0].dtype), *host_values]).cpu().tolist()
+        device_values = [torch.stack([plan["finite"].all() for plan in plans]).to(plans[0]["theta"].dtype)]
+        for plan in plans:
+            device_values.append(plan["theta"])
+            device_values.extend(sigma.reshape(-1) for _, sigma in plan["svds"])
+        values = torch.cat(device_values).cpu().tolist()
         if not all(v == 1.0 for v in values[: len(plans)]):
             self.skipped_steps += 1
             warnings.warn(
@@ -217,49 +217,60 @@ class TuckerOptimizer(Optimizer):
             return loss
         pos = len(plans)
         for plan in plans:
-            theta = values[pos]
-            pos += 1
+            size = len(plan["members"])
+            thetas = values[pos : pos + size]
+            pos += size
             sigmas = []
-            for _ in plan["svds"]:
-                n = plan["svd_sizes"][len(sigmas)]
-                sigmas.append(values[pos : pos + n])
-                pos += n
-            self._truncate(plan, theta, sigmas)
+            for _, sigma in plan["svds"]:
+                k = sigma.shape[1]
+                sigmas.append([values[pos + b * k : pos + (b + 1) * k] for b in range(size)])
+                pos += size * k
+            for b in range(size):
+                self._truncate(plan, b, thetas[b], [per_mode[b] for per_mode in sigmas])
         return loss
 
-    def _augment(self, group: dict, layer: TuckerLayer, finite: torch.Tensor) -> dict:
-        """Phase 1 for one layer, on the device: directions, moments, augmented basis and core, SVDs of ``Ct``."""
-        core, *factors = group["params"]
+    def _augment(self, members: list[tuple[dict, TuckerLayer]]) -> dict:
+        """Phase 1 for a batch of equally shaped layers, on the device: directions, moments, augmented bases and
+        cores, SVDs of ``Ct``.  Nothing is written to the layers or the optimizer state here."""
+        group = members[0][0]
+        params = [torch.stack(ps) for ps in zip(*(g["params"] for g, _ in members))]
+        grads = [torch.stack([p.grad for p in ps]) for ps in zip(*(g["params"] for g, _ in members))]
+        core, *factors = params
         d = len(factors)
         lam = group["lr"]
-        dtype = core.dtype
-        rcond = geometry.default_rcond(dtype)
-        rel_eps = 10 * torch.finfo(dtype).eps
-        # non-finite gradients are replaced by zeros so that nothing below fails; the step is then discarded
-        g_core = torch.where(finite, core.grad, torch.zeros_like(core.grad))
-        g_factors = [torch.where(finite, u.grad, torch.zeros_like(u.grad)) for u in factors]
+        rcond = geometry.default_rcond(core.dtype)
+        rel_eps = 10 * torch.finfo(core.dtype).eps
+        finite = torch.stack([torch.isfinite(g.reshape(g.shape[0], -1)).all(dim=1) for g in grads]).all(dim=0)
 
+        def sanitize(g: torch.Tensor) -> torch.Tensor:
+            # non-finite gradients become zeros so that nothing below fails; the step is then discarded
+            return torch.where(finite.reshape(-1, *([1] * (g.dim() - 1))), g, torch.zeros_like(g))
+
+        g_core, *g_factors = (sanitize(g) for g in grads)
         polars = [geometry.unfolding_polar(core, i, rcond) for i in range(d)]
         k_grads = [geometry.k_gradient(g, r_pinv) for g, (_, _, r_pinv) in zip(g_factors, polars)]
 
-        state = self.state[core]
         new_state = {}
         if group["direction"] == "adam":
-            step = state.get("step", 0) + 1
+            states = [self.state[g["params"][0]] for g, _ in members]
+            step = states[0].get("step", 0) + 1
             beta1, beta2 = group["betas"]
             c1, c2 = 1 - beta1**step, 1 - beta2**step
-            scale = group["adaptive_scale"]
-            if scale == "auto":
-                scale = auto_adaptive_scale(
-                    [u.shape[0] for u in factors], [u.shape[1] for u in factors], core.shape[d:]
-                )
 
             def adam(key: str, grad: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-                m = state.get("exp_avg_" + key, torch.zeros_like(grad)) * beta1 + (1 - beta1) * grad
-                v = state.get("exp_avg_sq_" + key, torch.zeros_like(grad)) * beta2 + (1 - beta2) * grad * grad
+                if "exp_avg_" + key in states[0]:
+                    m = torch.stack([st["exp_avg_" + key] for st in states]) * beta1 + (1 - beta1) * grad
+                    v = torch.stack([st["exp_avg_sq_" + key] for st in states]) * beta2 + (1 - beta2) * grad * grad
+                else:
+                    m, v = (1 - beta1) * grad, (1 - beta2) * grad * grad
                 new_state["exp_avg_" + key], new_state["exp_avg_sq_" + key] = m, v
                 return scale * (m / c1) / ((v / c2).sqrt() + group["eps"])
 
+            scale = group["adaptive_scale"]
+            if scale == "auto":
+                scale = auto_adaptive_scale(
+                    [u.shape[1] for u in factors], [u.shape[2] for u in factors], core.shape[d + 1 :]
+                )
             dir_core = adam("core", g_core, scale)
             dir_factors = [adam(f"K{i}", k) for i, k in enumerate(k_grads)]
             new_state["step"] = step
@@ -270,39 +281,37 @@ class TuckerOptimizer(Optimizer):
         if group["weight_decay"]:
             old_block = old_block - lam * group["weight_decay"] * core
         new_blocks, augmented = [], []
-        for i, (u, (q, r, _)) in enumerate(zip(factors, polars)):
-            k_step = -lam * dir_factors[i]
-            k_norm = torch.linalg.norm(u @ r + k_step)
-            u_aug, block = geometry.new_directions(u, k_step, k_norm, q, rel_eps)
+        for u, (_, r, _), direction in zip(factors, polars, dir_factors):
+            k_step = -lam * direction
+            k_norm = torch.linalg.norm((u @ r + k_step).flatten(1), dim=1)
+            u_aug, block = geometry.new_directions(u, k_step, k_norm, polars[len(augmented)][0], rel_eps)
             new_blocks.append(block)
             augmented.append(u_aug)
         ct = geometry.augmented_core(old_block, new_blocks, d)
-        svds = geometry.mode_svds(ct, d)
         return {
-            "group": group,
-            "layer": layer,
+            "members": members,
+            "finite": finite,
             "ct": ct,
             "factors": augmented,
-            "svds": svds,
-            "svd_sizes": [s.numel() for _, s in svds],
-            "theta": group["tau"] * torch.linalg.norm(ct),
+            "svds": geometry.mode_svds(ct, d),
+            "theta": group["tau"] * torch.linalg.norm(ct.flatten(1), dim=1),
             "state": new_state,
-            "old_ranks": [u.shape[1] for u in factors],
+            "old_ranks": [u.shape[2] for u in factors],
         }
 
-    def _truncate(self, plan: dict, theta: float, sigmas: list[list[float]]) -> None:
-        """Phase 2 for one layer: ranks from the host values, truncation, moments carried along."""
-        group, layer, ct = plan["group"], plan["layer"], plan["ct"]
+    def _truncate(self, plan: dict, b: int, theta: float, sigmas: list[list[float]]) -> None:
+        """Phase 2 for member ``b`` of a batch: ranks from the host values, truncation, moments carried along."""
+        group, layer = plan["members"][b]
+        ct = plan["ct"][b]
         d = len(plan["factors"])
-        dense = tuple(ct.shape[d:])
-        ranks = geometry.truncation_ranks(sigmas, theta, group["min_rank"], group["max_rank"], dense)
-        projections = [p[:, :r] for (p, _), r in zip(plan["svds"], ranks)]
-        core, factors = geometry.truncate(ct, plan["factors"], projections)
+        ranks = geometry.truncation_ranks(sigmas, theta, group["min_rank"], group["max_rank"], tuple(ct.shape[d:]))
+        projections = [p[b, :, :r] for (p, _), r in zip(plan["svds"], ranks)]
+        core, factors = geometry.truncate(ct, [f[b] for f in plan["factors"]], projections)
         layer.set_factors(self.adapter_name, core, factors)
-
         if plan["state"]:
+            state = {k: (v if k == "step" else v[b]) for k, v in plan["state"].items()}
             self.state[group["params"][0]] = self._transport_moments(
-                plan["state"], projections, plan["old_ranks"], tuple(ct.shape)
+                state, projections, plan["old_ranks"], tuple(ct.shape)
             )
 
     @staticmethod
@@ -323,7 +332,7 @@ class TuckerOptimizer(Optimizer):
             if key.endswith("_core"):
                 padded = value.new_zeros(augmented_shape)
                 padded[tuple(slice(0, s) for s in value.shape)] = value
-                out[key] = multi_mode_dot(padded, [p.T for p in projs], range(len(projs)))
+                out[key] = geometry.truncate(padded, [], projs)[0]
             else:
                 i = int(key[-1])
                 padded = value.new_zeros(value.shape[0], augmented_shape[i])
