@@ -190,3 +190,20 @@ def test_second_adapter_saved_in_subfolder_and_reloaded(tmp_path):
     loaded.set_adapter("small")
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=0, atol=0)
+
+
+def test_load_adapter_into_fresh_adapter_takes_the_checkpoint_ranks(tmp_path):
+    """What a Trainer does on resume: a freshly created adapter (no rank record) loads a checkpoint whose ranks
+    changed during training; the layers take the checkpoint's ranks and the outputs are reproduced."""
+    _, ranks, expected = _save_trained(tmp_path, "bert")
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(tmp_path / "base").eval()
+    fresh = get_peft_model(base, CASES["bert"]["config"]())
+    assert set(tucker_peft.current_ranks(fresh).values()) == {(6, 6)}
+    fresh.load_adapter(tmp_path / "adapter", adapter_name="default", is_trainable=True)
+    assert tucker_peft.current_ranks(fresh) == ranks
+    assert {k: tuple(v) for k, v in fresh.peft_config["default"].module_ranks.items()} == ranks
+    inputs = torch.load(tmp_path / "ref.pt")["inputs"]
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**inputs).logits, expected, rtol=0, atol=0)

@@ -161,24 +161,45 @@ class TuckerLoraModel(BaseTuner):
         adapter_name: str,
         state_dict: dict[str, torch.Tensor],
     ) -> dict[str, torch.Tensor]:
-        """Map checkpoint keys to the model and refuse a checkpoint that misses adapter tensors or has other shapes."""
+        """Map checkpoint keys to the model and check every Tucker tensor before anything is loaded.
+
+        - A missing tensor is an error (never silently skipped).
+        - Shapes that differ from the model's: if the config records this module's ranks (``module_ranks``, as in an
+          adapter built by ``PeftModel.from_pretrained``), the checkpoint and its config disagree: an error.  If the
+          config has no record (an adapter created fresh, e.g. by a Trainer resuming from a checkpoint whose ranks
+          changed during training), the layer is resized to the checkpoint's ranks when its tensors form a
+          consistent Tucker tensor, and the ranks are recorded.
+        """
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        model_state = model.state_dict()
-        problems = []
+        problems, resize = [], []
         for name, module in model.named_modules():
             if not (isinstance(module, TuckerLayer) and adapter_name in module.tucker_core):
                 continue
-            for attr in module.adapter_layer_names:
-                if adapter_name not in getattr(module, attr):
-                    continue
-                key = f"{name}.{attr}.{adapter_name}" if name else f"{attr}.{adapter_name}"
-                expected = tuple(model_state[key].shape)
-                if key not in remapped:
-                    problems.append(f"{key}: missing from the checkpoint")
-                elif tuple(remapped[key].shape) != expected:
-                    problems.append(
-                        f"{key}: checkpoint shape {tuple(remapped[key].shape)}, config (module_ranks) gives {expected}"
-                    )
+            prefix = f"{name}." if name else ""
+            keys = [f"{prefix}{attr}.{adapter_name}" for attr in module.adapter_layer_names]
+            params = [module.core(adapter_name), *module.factors(adapter_name)]
+            keys = keys[: len(params)]
+            missing = [k for k in keys if k not in remapped]
+            if missing:
+                problems += [f"{k}: missing from the checkpoint" for k in missing]
+                continue
+            loaded = [remapped[k] for k in keys]
+            if all(t.shape == p.shape for t, p in zip(loaded, params)):
+                continue
+            module_name = name.removeprefix(_PEFT_MODEL_PREFIX)
+            core, factors = loaded[0], loaded[1:]
+            consistent = (
+                tuple(core.shape) == tuple(u.shape[1] for u in factors) + tuple(params[0].shape[len(factors) :])
+                and all(u.dim() == 2 and u.shape[0] == p.shape[0] for u, p in zip(factors, params[1:]))
+            )
+            if module_name in config.module_ranks or not consistent:
+                problems += [
+                    f"{k}: checkpoint shape {tuple(t.shape)}, config (module_ranks) gives {tuple(p.shape)}"
+                    for k, t, p in zip(keys, loaded, params)
+                    if t.shape != p.shape
+                ]
+            else:
+                resize.append((module_name, module, core, factors))
         if problems:
             raise ValueError(
                 f"The checkpoint does not match its adapter config ({len(problems)} tensors):\n  "
@@ -186,6 +207,9 @@ class TuckerLoraModel(BaseTuner):
                 + "\nSave and load the adapter together with its adapter_config.json (save_pretrained writes both); "
                 "the weights and the config come from different saves or were edited."
             )
+        for module_name, module, core, factors in resize:
+            module.set_factors(adapter_name, core, list(factors))
+            config.module_ranks[module_name] = [u.shape[1] for u in factors]
         return remapped
 
 
