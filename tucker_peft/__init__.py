@@ -8,6 +8,7 @@ Importing this package registers the method with PEFT (``PeftType.TUCKER``), so 
 from . import model_card
 from ._registry import TUCKER_PEFT_TYPE, register
 from .config import TuckerLoraConfig
+from .integration import TuckerLoraCallback, attach
 from .layer import Conv, Linear, TuckerLayer
 from .model import TuckerLoraModel, adapter_parameter_count, current_ranks, iter_tucker_layers
 from .optimizer import TuckerOptimizer, non_tucker_parameters, tucker_parameters
@@ -22,10 +23,12 @@ __all__ = [
     "Conv",
     "Linear",
     "TuckerLayer",
+    "TuckerLoraCallback",
     "TuckerLoraConfig",
     "TuckerLoraModel",
     "TuckerOptimizer",
     "adapter_parameter_count",
+    "attach",
     "current_ranks",
     "iter_tucker_layers",
     "non_tucker_parameters",

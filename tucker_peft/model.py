@@ -188,10 +188,9 @@ class TuckerLoraModel(BaseTuner):
                 continue
             module_name = name.removeprefix(_PEFT_MODEL_PREFIX)
             core, factors = loaded[0], loaded[1:]
-            consistent = (
-                tuple(core.shape) == tuple(u.shape[1] for u in factors) + tuple(params[0].shape[len(factors) :])
-                and all(u.dim() == 2 and u.shape[0] == p.shape[0] for u, p in zip(factors, params[1:]))
-            )
+            consistent = tuple(core.shape) == tuple(u.shape[1] for u in factors) + tuple(
+                params[0].shape[len(factors) :]
+            ) and all(u.dim() == 2 and u.shape[0] == p.shape[0] for u, p in zip(factors, params[1:]))
             if module_name in config.module_ranks or not consistent:
                 problems += [
                     f"{k}: checkpoint shape {tuple(t.shape)}, config (module_ranks) gives {tuple(p.shape)}"

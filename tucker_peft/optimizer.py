@@ -46,6 +46,9 @@ from . import geometry
 from .layer import TuckerLayer
 from .model import iter_tucker_layers
 
+#: which TuckerOptimizer updates a layer (a registry rather than an attribute, so that a deep copy of a model is free)
+_OWNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
 
 def _unwrap(model: nn.Module) -> nn.Module:
     while hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP / accelerate wrappers
@@ -140,7 +143,7 @@ class TuckerOptimizer(Optimizer):
         if not 1 <= min_rank <= max_rank:
             raise ValueError(f"need 1 <= min_rank <= max_rank; got min_rank={min_rank}, max_rank={max_rank}.")
         for name, layer in layers:
-            owner = getattr(layer, "_tucker_optimizer", None)
+            owner = _OWNERS.get(layer)
             if owner is not None and owner() is not None:
                 raise RuntimeError(
                     f"The Tucker layer {name!r} is already updated by another TuckerOptimizer; two geometric updates "
@@ -165,8 +168,12 @@ class TuckerOptimizer(Optimizer):
         self.adapter_name = adapter_name
         self._layers: list[TuckerLayer] = [layer for _, layer in layers]
         for layer in self._layers:
-            layer._tucker_optimizer = weakref.ref(self)
+            _OWNERS[layer] = weakref.ref(self)
         self.skipped_steps = 0
+        #: all-reduce the factor gradients and broadcast the rank decision (set by :func:`tucker_peft.attach` when
+        #: training with DDP, whose own reduction must ignore the factors since their shapes change)
+        self.distributed = False
+        self._versions = self._param_versions()
 
     # ------------------------------------------------------------------------------------------------------------
     def ranks(self) -> dict[str, tuple[int, ...]]:
@@ -186,6 +193,9 @@ class TuckerOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        self._check_not_modified_elsewhere()
+        if self.distributed:
+            self._all_reduce_gradients()
         # layers with equal shapes, settings and step count are updated together (batched SVD/QR)
         batches: dict[tuple, list[tuple[dict, TuckerLayer]]] = {}
         for group, layer in zip(self.param_groups, self._layers):
@@ -205,7 +215,10 @@ class TuckerOptimizer(Optimizer):
         for plan in plans:
             device_values.append(plan["theta"])
             device_values.extend(sigma.reshape(-1) for _, sigma in plan["svds"])
-        values = torch.cat(device_values).cpu().tolist()
+        values = torch.cat(device_values)
+        if self.distributed:  # every process takes the rank decisions of process 0
+            torch.distributed.broadcast(values, src=0)
+        values = values.cpu().tolist()
         if not all(v == 1.0 for v in values[: len(plans)]):
             self.skipped_steps += 1
             warnings.warn(
@@ -227,7 +240,48 @@ class TuckerOptimizer(Optimizer):
                 pos += size * k
             for b in range(size):
                 self._truncate(plan, b, thetas[b], [per_mode[b] for per_mode in sigmas])
+        self._versions = self._param_versions()
         return loss
+
+    def _param_versions(self) -> list[int]:
+        return [p._version for g in self.param_groups for p in g["params"]]
+
+    def _check_not_modified_elsewhere(self) -> None:
+        """Refuse to go on when another optimizer has moved the factors off the manifold since our last step.
+
+        Only checked when a factor's version counter changed (loading a checkpoint also changes it, but keeps the
+        bases orthonormal), so a correct setup pays nothing.
+        """
+        if self._param_versions() == self._versions:
+            return
+        for group in self.param_groups:
+            for u in group["params"][1:]:
+                gram = u.detach().T @ u.detach()
+                if not torch.allclose(gram, torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device), atol=1e-3):
+                    raise RuntimeError(
+                        f"The orthonormal factors of {group['name']!r} were changed outside TuckerOptimizer (U^T U != I): "
+                        "another optimizer holds them. Build the base optimizer from "
+                        "tucker_peft.non_tucker_parameters(model), or call tucker_peft.attach(optimizer, model), "
+                        "which takes the factors away from it."
+                    )
+        self._versions = self._param_versions()
+
+    def _all_reduce_gradients(self) -> None:
+        """Average the factor gradients over processes (one collective), keeping "no gradient" where no process had
+        one."""
+        import torch.distributed as dist
+
+        params = [p for g in self.param_groups for p in g["params"]]
+        ref = params[0]
+        has = torch.tensor([p.grad is not None for p in params], dtype=ref.dtype, device=ref.device)
+        flat = torch.cat([has, *[(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]])
+        dist.all_reduce(flat)
+        world = dist.get_world_size()
+        counts, offset = flat[: len(params)].tolist(), len(params)
+        for p, count in zip(params, counts):
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p) / world if count > 0 else None
+            offset += n
 
     def _augment(self, members: list[tuple[dict, TuckerLayer]]) -> dict:
         """Phase 1 for a batch of equally shaped layers, on the device: directions, moments, augmented bases and

@@ -1,0 +1,302 @@
+"""Training integrations: the Trainer callback, attach() in plain/accelerate loops, AMP, accumulation, resume."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import get_peft_model
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+
+import tucker_peft
+from tucker_peft import TuckerLoraCallback, TuckerLoraConfig, TuckerOptimizer
+
+
+def _bert(seed=0):
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=60,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return BertForSequenceClassification(cfg)
+
+
+def _token_task(n=96, seed=0):
+    """Label 1 iff token 7 occurs in the sequence: learnable by a tiny BERT in a few dozen steps."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        ids = torch.randint(10, 60, (12,), generator=g)
+        label = int(torch.rand((), generator=g) < 0.5)
+        if label:
+            ids[torch.randint(0, 12, (1,), generator=g)] = 7
+        rows.append(
+            {"input_ids": ids, "attention_mask": torch.ones(12, dtype=torch.long), "labels": torch.tensor(label)}
+        )
+    return rows
+
+
+def _args(tmp_path, **kw):
+    defaults = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=16,
+        learning_rate=2e-2,
+        max_steps=40,
+        logging_steps=10,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        lr_scheduler_type="constant",
+    )
+    defaults.update(kw)
+    return TrainingArguments(**defaults)
+
+
+def test_trainer_with_only_the_callback(tmp_path):
+    model = get_peft_model(_bert(), TuckerLoraConfig(task_type="SEQ_CLS", r=6, tau=0.1))
+    classifier_before = model.base_model.model.classifier.modules_to_save["default"].weight.detach().clone()
+    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=_token_task(), callbacks=[TuckerLoraCallback()])
+    assert isinstance(trainer.callback_handler.callbacks[0], TuckerLoraCallback)  # runs before the reporters
+    trainer.train()
+
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs[-1]["loss"] < 0.2 * logs[0]["loss"]
+    for h in logs:
+        assert {"tucker_rank_mean", "tucker_rank_min", "tucker_rank_max", "tucker_params"} <= set(h)
+    ranks = tucker_peft.current_ranks(model)
+    assert set(ranks.values()) != {(6, 6)}  # ranks adapted
+    assert logs[-1]["tucker_params"] == tucker_peft.adapter_parameter_count(model)
+    # the Trainer's optimizer trained the head but holds no state for the factors
+    assert not torch.equal(classifier_before, model.base_model.model.classifier.modules_to_save["default"].weight)
+    factor_ids = {id(p) for p in tucker_peft.tucker_parameters(model)}
+    assert not any(id(p) in factor_ids for p in trainer.optimizer.optimizer.state)
+    for _, layer in tucker_peft.iter_tucker_layers(model):
+        for u in layer.factors("default"):
+            torch.testing.assert_close(u.T @ u, torch.eye(u.shape[1]), atol=1e-5, rtol=0)
+
+    report = json.loads((tmp_path / "tucker_ranks.json").read_text())
+    assert {k: tuple(v) for k, v in report["final_ranks"].items()} == ranks
+    assert len(report["history"]) == 41 and report["history"][0]["tucker_rank_mean"] == 6
+    png = (tmp_path / "tucker_ranks.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+class _Regression(nn.Module):
+    """A frozen linear layer fitted to a planted target; returns the loss the Trainer expects."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.layer = base
+
+    def forward(self, x, y):
+        return {"loss": 0.5 * ((self.layer(x) - y) ** 2).sum(-1).mean()}
+
+
+def test_planted_rank_through_the_trainer(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    base = nn.Linear(48, 40)
+    u = torch.linalg.qr(torch.randn(40, 3, generator=g))[0]
+    v = torch.linalg.qr(torch.randn(48, 3, generator=g))[0]
+    target = base.weight.detach() + u @ torch.diag(torch.tensor([3.0, 2.0, 1.0])) @ v.T
+    xs = torch.randn(64 * 150, 48, generator=g)
+    data = [{"x": x, "y": F.linear(x, target, base.bias).detach()} for x in xs]
+    model = get_peft_model(_Regression(base), TuckerLoraConfig(target_modules=["layer"], r=8, alpha=8, tau=0.1))
+    args = _args(tmp_path, per_device_train_batch_size=64, learning_rate=0.5, max_steps=150, logging_steps=50)
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[TuckerLoraCallback(direction="sgd")])
+    trainer.train()
+    assert tucker_peft.current_ranks(model) == {"layer": (3, 3)}
+    assert trainer.state.log_history[-2]["loss"] < 1e-3
+
+
+def _train_steps(tmp_path, max_steps, resume=None, save_steps=None):
+    model = get_peft_model(_bert(), TuckerLoraConfig(task_type="SEQ_CLS", r=6, tau=0.1))
+    args = _args(
+        tmp_path,
+        max_steps=max_steps,
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
+        per_device_train_batch_size=8,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=_token_task(), callbacks=[TuckerLoraCallback()])
+    trainer.train(resume_from_checkpoint=resume)
+    return model
+
+
+def test_resume_from_checkpoint_continues_exactly(tmp_path):
+    straight = _train_steps(tmp_path / "straight", 6)
+    _train_steps(tmp_path / "split", 6, save_steps=3)
+    checkpoint = tmp_path / "split" / "checkpoint-3"
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    assert "tucker_peft" in saved and saved["tucker_peft"]["state"]
+    assert json.loads((checkpoint / "adapter_config.json").read_text())["module_ranks"]
+    resumed = _train_steps(tmp_path / "split", 6, resume=str(checkpoint), save_steps=3)
+    assert tucker_peft.current_ranks(resumed) == tucker_peft.current_ranks(straight)
+    assert set(tucker_peft.current_ranks(straight).values()) != {(6, 6)}
+    for (n, p), (_, q) in zip(straight.named_parameters(), resumed.named_parameters()):
+        if "tucker_" in n or "classifier" in n:
+            torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=n)
+
+
+def test_bf16_autocast_training(tmp_path):
+    model = get_peft_model(_bert(), TuckerLoraConfig(task_type="SEQ_CLS", r=6))
+    trainer = Trainer(
+        model=model,
+        args=_args(tmp_path, bf16=True, max_steps=10),
+        train_dataset=_token_task(),
+        callbacks=[TuckerLoraCallback()],
+    )
+    trainer.train()
+    layers = [layer for _, layer in tucker_peft.iter_tucker_layers(model)]
+    assert all(
+        p.dtype == torch.float32 for layer in layers for p in [layer.core("default"), *layer.factors("default")]
+    )
+    assert all(torch.count_nonzero(layer.core("default")) > 0 for layer in layers)
+    assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
+
+
+def _loop_model(seed=0):
+    model = get_peft_model(_bert(seed), TuckerLoraConfig(task_type="SEQ_CLS", r=6, tau=0.1))
+    batch = {k: torch.stack([r[k] for r in _token_task(16)]) for k in ("input_ids", "attention_mask", "labels")}
+    return model, batch
+
+
+def test_fp16_grad_scaler_skips_overflow_for_the_factors():
+    model, batch = _loop_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    tucker = tucker_peft.attach(optimizer, model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+
+    def step(overflow=False):
+        optimizer.zero_grad()
+        scaler.scale(model(**batch).loss).backward()
+        if overflow:
+            tucker._layers[2].factors("default")[0].grad[0, 0] = float("inf")
+        scaler.unscale_(optimizer)  # unscales the factors' gradients too: they are in the optimizer's groups
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+
+    step()
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    ranks = tucker.ranks()
+    moments = copy.deepcopy(tucker.state_dict())
+    scale = scaler.get_scale()
+    step(overflow=True)
+    assert scaler.get_scale() < scale  # the scaler saw the overflow
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, before[n]), n  # nothing moved: neither the head nor the factors
+    assert tucker.ranks() == ranks and tucker.state_dict()["state"].keys() == moments["state"].keys()
+    step()  # and the next regular step trains again
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if "tucker_core" in n)
+
+
+def test_scaled_gradients_are_unscaled_before_the_update():
+    """The same step with a GradScaler (no overflow) and without one gives the same factors."""
+    results = []
+    for use_scaler in (False, True):
+        model, batch = _loop_model()
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+        tucker_peft.attach(optimizer, model)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, enabled=use_scaler)
+        scaler.scale(model(**batch).loss).backward()
+        scaler.step(optimizer)
+        results.append([p.detach().clone() for p in tucker_peft.tucker_parameters(model)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_accelerate_loop_with_accumulation_equals_one_big_batch():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    def run(accumulate):
+        model, batch = _loop_model()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        tucker_peft.attach(optimizer, model)  # the one extra line, before prepare
+        AcceleratorState._reset_state(True)  # earlier Trainer tests leave a (bf16) state behind
+        accelerator = Accelerator(gradient_accumulation_steps=accumulate, cpu=True, mixed_precision="no")
+        model, optimizer = accelerator.prepare(model, optimizer)
+        for _ in range(3):
+            parts = [{k: v[i::accumulate] for k, v in batch.items()} for i in range(accumulate)]
+            for part in parts:
+                with accelerator.accumulate(model):
+                    accelerator.backward(model(**part).loss)
+                    accelerator.clip_grad_norm_(model.parameters(), 10.0)
+                    optimizer.step()
+                    optimizer.zero_grad()
+        return accelerator.unwrap_model(model)
+
+    one, two = run(1), run(2)
+    assert tucker_peft.current_ranks(one) == tucker_peft.current_ranks(two)
+    assert set(tucker_peft.current_ranks(one).values()) != {(6, 6)}
+    for (n, p), (_, q) in zip(one.named_parameters(), two.named_parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-4, msg=n)
+
+
+def test_optimizer_state_dict_carries_the_update_state():
+    model, batch = _loop_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    tucker = tucker_peft.attach(optimizer, model)
+    model(**batch).loss.backward()
+    optimizer.step()
+    saved = copy.deepcopy(optimizer.state_dict())
+    assert saved["tucker_peft"]["state"]
+    model2 = copy.deepcopy(model)
+    optimizer2 = torch.optim.AdamW(model2.parameters(), lr=1e-2)
+    tucker2 = tucker_peft.attach(optimizer2, model2)
+    optimizer2.load_state_dict(saved)
+    for k, v in tucker.state_dict()["state"].items():
+        for key, value in v.items():
+            assert torch.equal(torch.as_tensor(tucker2.state_dict()["state"][k][key]), torch.as_tensor(value))
+
+
+def test_misuse_is_refused():
+    with pytest.raises(ValueError, match="needs a model with Tucker adapters"):
+        Trainer(
+            model=_bert(),
+            args=_args("/tmp/tucker-misuse"),
+            train_dataset=_token_task(),
+            callbacks=[TuckerLoraCallback()],
+        )
+    model, batch = _loop_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    tucker_peft.attach(optimizer, model)
+    with pytest.raises(RuntimeError, match="already called"):
+        tucker_peft.attach(optimizer, model)
+    with pytest.raises(RuntimeError, match="another TuckerOptimizer"):
+        TuckerOptimizer(model)
+    # a custom loop whose base optimizer also steps the factors: refused at the next geometric step
+    model, batch = _loop_model(1)
+    base = torch.optim.AdamW(model.parameters(), lr=1e-1)
+    tucker = TuckerOptimizer(model, lr=1e-2)
+    model(**batch).loss.backward()
+    base.step()  # moves the orthonormal bases off the manifold
+    with pytest.raises(RuntimeError, match="another optimizer holds them"):
+        tucker.step()
+
+
+def test_attach_with_optimizer_built_from_the_other_parameters():
+    model, batch = _loop_model()
+    optimizer = torch.optim.AdamW(tucker_peft.non_tucker_parameters(model), lr=1e-2)
+    tucker = tucker_peft.attach(optimizer, model)
+    assert len(optimizer.param_groups) == 2  # the factors were added so that unscale_/schedulers see them
+    model(**batch).loss.backward()
+    optimizer.step()
+    assert tucker.state_dict()["state"]

@@ -1,0 +1,329 @@
+"""Training integrations: one line in a PyTorch/accelerate loop (:func:`attach`) or a Trainer (:class:`TuckerLoraCallback`).
+
+:func:`attach` hooks the geometric update into the optimizer the user already has, through torch's optimizer hooks:
+
+- the Tucker factors stay in the optimizer's parameter groups, so ``GradScaler.unscale_``, gradient clipping,
+  learning-rate schedulers, ``zero_grad`` and accelerate's gradient accumulation treat them like any parameter;
+- a step pre-hook hides them from the optimizer's own update (no step, no weight decay, no moments), a step
+  post-hook puts them back and runs :class:`~tucker_peft.TuckerOptimizer` with the learning rate (and weight decay,
+  applied to the core only) of the group that holds them.  A step skipped by ``GradScaler`` (fp16 overflow) or by
+  gradient accumulation is skipped for the factors too, since the hooks only run when the optimizer steps;
+- ``optimizer.state_dict()`` carries the update's state under ``"tucker_peft"`` and ``load_state_dict`` restores it.
+
+Distributed training: DDP (``torch.nn.parallel.DistributedDataParallel``, ``accelerate launch``, the Trainer with
+several processes) is supported.  The factors change shape when ranks change, which DDP's gradient buckets cannot
+follow, so :func:`attach` (called before the model is wrapped) tells DDP to leave them alone and the update
+all-reduces their gradients itself and takes the rank decisions of process 0: every process ends every step with the
+same ranks and factors.  Sharded parameters (FSDP, DeepSpeed ZeRO-3) are refused with an error; fp16 with a
+GradScaler under DDP is refused by the Trainer callback (use bf16), because each process would decide on its own
+whether an overflow skips the step.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from .model import iter_tucker_layers
+from .optimizer import TuckerOptimizer, _unwrap, tucker_parameters
+
+logger = logging.getLogger(__name__)
+
+STATE_KEY = "tucker_peft"
+
+
+def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The ``torch.optim.Optimizer`` inside accelerate's ``AcceleratedOptimizer`` (or the optimizer itself)."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):  # AcceleratedOptimizer & co.
+        optimizer = optimizer.optimizer
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"expected a torch.optim.Optimizer (or accelerate's wrapper), got {type(optimizer).__name__}")
+    return optimizer
+
+
+def _refuse_sharded(model: nn.Module) -> None:
+    for module in model.modules():
+        if type(module).__name__ in ("FullyShardedDataParallel", "FSDPModule") or type(module).__name__.startswith(
+            "FSDP"
+        ):
+            raise NotImplementedError(
+                "tucker-peft does not support FSDP: the geometric update needs whole factors on every process. "
+                "Use DDP (the default of `accelerate launch` / torchrun with the Trainer)."
+            )
+    for p in model.parameters():
+        if hasattr(p, "ds_id") or type(p).__name__ == "DTensor":
+            raise NotImplementedError(
+                "tucker-peft does not support sharded parameters (DeepSpeed ZeRO-3, DTensor): the geometric update "
+                "needs whole factors on every process. Use DDP or DeepSpeed ZeRO-1/2."
+            )
+
+
+def _is_distributed() -> bool:
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
+
+
+def exclude_from_ddp(model: nn.Module) -> None:
+    """Tell DDP (before it wraps ``model``) not to reduce the Tucker factors; :class:`TuckerOptimizer` does it."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    names = [n for n, p in model.named_parameters() if "tucker_" in n and p.requires_grad]
+    existing = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted(set(existing) | set(names)))
+
+
+def attach(optimizer: Any, model: nn.Module, **kwargs: Any) -> TuckerOptimizer:
+    """Run the geometric update of ``model``'s Tucker adapters whenever ``optimizer`` steps: the one extra line.
+
+    Call it after creating the optimizer and before ``accelerator.prepare`` / DDP wrapping::
+
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        tucker_peft.attach(optimizer, model)
+
+    Args:
+        optimizer: the optimizer of the rest of the model (it may hold the factors; they are taken away from its own
+            update) or accelerate's wrapper of it.
+        model: the model holding the Tucker adapters.
+        kwargs: passed to :class:`TuckerOptimizer` (``direction``, ``betas``, ``tau``, ``min_rank``, ...).  The
+            learning rate and weight decay follow the optimizer's group that holds the factors.
+
+    Returns:
+        The :class:`TuckerOptimizer` (for ``ranks()``, ``num_adapter_parameters()``).
+    """
+    inner = _torch_optimizer(optimizer)
+    if getattr(inner, "_tucker_optimizer", None) is not None:
+        raise RuntimeError("tucker_peft.attach was already called on this optimizer; call it once.")
+    unwrapped = _unwrap(model)
+    _refuse_sharded(model)
+    if _is_distributed():
+        if unwrapped is not model and not getattr(unwrapped, "_ddp_params_and_buffers_to_ignore", None):
+            raise RuntimeError(
+                "The model is already wrapped for distributed training, so DDP would reduce the Tucker factors, whose "
+                "shapes change. Call tucker_peft.attach(optimizer, model) before accelerator.prepare(...) / DDP."
+            )
+        exclude_from_ddp(unwrapped)
+
+    factors = tucker_parameters(unwrapped)
+    ids = {id(p) for p in factors}
+    holding = [g for g in inner.param_groups if any(id(p) in ids for p in g["params"])]
+    if not holding:  # built from non_tucker_parameters(model): add the factors so that unscale_/schedulers see them
+        inner.add_param_group({"params": [p for p in factors if p.requires_grad], "weight_decay": 0.0})
+        holding = [inner.param_groups[-1]]
+    for p in factors:  # drop any moments the optimizer may already have for them
+        inner.state.pop(p, None)
+    follow_weight_decay = "weight_decay" not in kwargs
+    kwargs.setdefault("lr", holding[0]["lr"])
+    kwargs.setdefault("weight_decay", holding[0].get("weight_decay", 0.0))
+    tucker = TuckerOptimizer(unwrapped, **kwargs)
+    tucker.distributed = _is_distributed()
+    # each layer follows the learning rate (and weight decay) of the optimizer's group that holds its core
+    follow_group = [
+        next((g for g in holding if any(p is group["params"][0] for p in g["params"])), holding[0])
+        for group in tucker.param_groups
+    ]
+    hidden: list[tuple[dict, list]] = []
+
+    def hide(opt, args, kw):
+        for group in opt.param_groups:
+            if any(id(p) in ids for p in group["params"]):
+                hidden.append((group, group["params"]))
+                group["params"] = [p for p in group["params"] if id(p) not in ids]
+
+    def restore_and_update(opt, args, kw):
+        while hidden:
+            group, params = hidden.pop()
+            group["params"] = params
+        for group, source in zip(tucker.param_groups, follow_group):
+            group["lr"] = source["lr"]
+            if follow_weight_decay:
+                group["weight_decay"] = source.get("weight_decay", 0.0)
+        tucker.step()
+
+    stash: dict[str, Any] = {}
+
+    def save_state(opt, state_dict):
+        state_dict[STATE_KEY] = tucker.state_dict()
+        return state_dict
+
+    def take_state(opt, state_dict):
+        if STATE_KEY in state_dict:
+            state_dict = dict(state_dict)
+            stash["state"] = state_dict.pop(STATE_KEY)
+        return state_dict
+
+    def load_state(opt):
+        if "state" in stash:
+            tucker.load_state_dict(stash.pop("state"))
+
+    inner.register_step_pre_hook(hide)
+    inner.register_step_post_hook(restore_and_update)
+    inner.register_state_dict_post_hook(save_state)
+    inner.register_load_state_dict_pre_hook(take_state)
+    inner.register_load_state_dict_post_hook(load_state)
+    inner._tucker_optimizer = tucker
+    return tucker
+
+
+def rank_summary(tucker: TuckerOptimizer) -> dict[str, float]:
+    """``{"tucker_rank_mean", "tucker_rank_min", "tucker_rank_max", "tucker_params"}`` of the current adapter."""
+    ranks = [r for v in tucker.ranks().values() for r in v]
+    return {
+        "tucker_rank_mean": sum(ranks) / len(ranks),
+        "tucker_rank_min": float(min(ranks)),
+        "tucker_rank_max": float(max(ranks)),
+        "tucker_params": float(tucker.num_adapter_parameters()),
+    }
+
+
+def save_rank_report(history: list[dict], ranks: dict[str, tuple[int, ...]], output_dir: str) -> tuple[str, str]:
+    """Write ``tucker_ranks.json`` (final per-layer ranks and the history) and ``tucker_ranks.png`` (rank evolution)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    os.makedirs(output_dir, exist_ok=True)
+    json_path = os.path.join(output_dir, "tucker_ranks.json")
+    with open(json_path, "w") as f:
+        json.dump({"final_ranks": {k: list(v) for k, v in ranks.items()}, "history": history}, f, indent=1)
+    png_path = os.path.join(output_dir, "tucker_ranks.png")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [h["step"] for h in history]
+    ax.fill_between(
+        steps, [h["tucker_rank_min"] for h in history], [h["tucker_rank_max"] for h in history], alpha=0.25
+    )
+    ax.plot(steps, [h["tucker_rank_mean"] for h in history], label="mean rank (band: min-max)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("rank per mode")
+    ax2 = ax.twinx()
+    ax2.plot(steps, [h["tucker_params"] for h in history], color="tab:red", linestyle="--", label="adapter parameters")
+    ax2.set_ylabel("adapter parameters")
+    lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    labels = ax.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1]
+    ax.legend(lines, labels, loc="upper right")
+    ax.set_title(f"tucker-peft ranks ({len(ranks)} layers)")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return json_path, png_path
+
+
+class TuckerLoraCallback(TrainerCallback):
+    """The Trainer integration: ``Trainer(..., callbacks=[TuckerLoraCallback()])`` is the only line to add.
+
+    - At the start of training it attaches the geometric update to the Trainer's optimizer (:func:`attach`): the
+      optimizer no longer updates, decays or keeps moments for the Tucker factors, and after each real optimizer
+      step (not a skipped fp16 step, not an accumulation micro-step) the update runs with the learning rate just
+      used.
+    - It adds ``tucker_rank_mean/min/max`` and ``tucker_params`` to every log (progress bar, ``report_to``
+      backends, ``trainer.state.log_history``).
+    - Checkpoints hold the adapter at its current ranks (``save_pretrained``) and the update's state (inside
+      ``optimizer.pt``); ``trainer.train(resume_from_checkpoint=...)`` continues exactly.
+    - At the end it writes ``tucker_ranks.json`` (per-layer ranks and their history) and ``tucker_ranks.png`` into
+      ``output_dir``.
+
+    Keyword arguments go to :class:`TuckerOptimizer` (e.g. ``direction="sgd"``, ``tau=0.05``).
+    """
+
+    def __init__(self, **optimizer_kwargs: Any) -> None:
+        self.optimizer_kwargs = optimizer_kwargs
+        self.tucker: TuckerOptimizer | None = None
+        self.history: list[dict] = []
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        if model is None or not any(True for _ in iter_tucker_layers(_unwrap(model))):
+            raise ValueError(
+                "TuckerLoraCallback needs a model with Tucker adapters: wrap it with "
+                "get_peft_model(model, TuckerLoraConfig(...)) before creating the Trainer."
+            )
+        if getattr(args, "fsdp", None):
+            raise NotImplementedError("tucker-peft does not support FSDP; use DDP (plain multi-process training).")
+        if args.world_size > 1:
+            if args.fp16:
+                raise NotImplementedError(
+                    "fp16 with several processes is not supported by tucker-peft (each process would decide alone "
+                    "whether an overflow skips the step); use bf16=True."
+                )
+            exclude_from_ddp(_unwrap(model))
+        self._move_to_front()
+
+    def _move_to_front(self) -> None:
+        """Run before the reporting callbacks, so that the rank figures we add to ``logs`` reach them.
+
+        ``Trainer`` places user callbacks after its reporting integrations and gives callbacks no handle on the
+        callback list, so the list holding this callback is found through the garbage collector's referrers."""
+        from transformers.trainer_callback import CallbackHandler
+
+        for holder in gc.get_referrers(self):
+            if isinstance(holder, list) and any(isinstance(h, CallbackHandler) for h in gc.get_referrers(holder)):
+                holder.remove(self)
+                holder.insert(0, self)
+                return
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.tucker = attach(optimizer, model, **self.optimizer_kwargs)
+        self.history = [{"step": state.global_step, **rank_summary(self.tucker)}]
+        if state.global_step > 0:
+            self._resume_state(args, state)
+
+    def _resume_state(self, args, state) -> None:
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        candidates = [args.resume_from_checkpoint] if isinstance(args.resume_from_checkpoint, str) else []
+        candidates.append(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+        for folder in candidates:
+            path = os.path.join(folder, "optimizer.pt")
+            if os.path.isfile(path):
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+                if STATE_KEY in saved:
+                    self.tucker.load_state_dict(saved[STATE_KEY])
+                    history = os.path.join(folder, "tucker_ranks.json")
+                    if os.path.isfile(history):
+                        with open(history) as f:
+                            self.history = json.load(f)["history"]
+                    return
+        logger.warning(
+            "Resuming at step %d but no tucker-peft optimizer state was found in %s; the Adam moments of the "
+            "Tucker factors restart from zero.",
+            state.global_step,
+            candidates,
+        )
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self.tucker is not None:
+            self.history.append({"step": state.global_step + 1, **rank_summary(self.tucker)})
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.tucker is None or logs is None or ("loss" not in logs and "train_loss" not in logs):
+            return
+        summary = rank_summary(self.tucker)
+        logs.update(summary)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(summary)
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.tucker is None or not state.is_world_process_zero:
+            return
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if os.path.isdir(folder):
+            with open(os.path.join(folder, "tucker_ranks.json"), "w") as f:
+                json.dump(
+                    {"final_ranks": {k: list(v) for k, v in self.tucker.ranks().items()}, "history": self.history}, f
+                )
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.tucker is not None and state.is_world_process_zero:
+            json_path, png_path = save_rank_report(self.history, self.tucker.ranks(), args.output_dir)
+            logger.info("tucker-peft: wrote %s and %s", json_path, png_path)
