@@ -136,7 +136,10 @@ def test_truncation_raises_the_loss_at_most_by_the_tail_bound():
         with torch.no_grad():
             before = loss_fn(snapshot).item()
             w_before = (layer.get_base_layer().weight + layer.get_delta_weight("default")).detach()
-            new_core, new_factors = geometry.truncate(core, factors, [p[0, :, :r] for (p, _), r in zip(svds, ranks)])
+            new_core, new_factors = geometry.truncate(
+                core[None], [u[None] for u in factors], [p[:, :, :r] for (p, _), r in zip(svds, ranks)]
+            )
+            new_core, new_factors = new_core[0], [u[0] for u in new_factors]
             layer.set_factors("default", new_core, new_factors)
             after = loss_fn(snapshot).item()
             w_after = layer.get_base_layer().weight + layer.get_delta_weight("default")
@@ -148,7 +151,7 @@ def test_truncation_raises_the_loss_at_most_by_the_tail_bound():
 
 
 class StaleMomentsOptimizer(TuckerOptimizer):
-    """The defect we must not have: moments cut/padded by index, left in the old coordinates."""
+    """The defect we must not have: moments padded and cut by index, left in the old coordinates."""
 
     @staticmethod
     def _transport_moments(state, projections, old_ranks, augmented_shape):
@@ -157,16 +160,16 @@ class StaleMomentsOptimizer(TuckerOptimizer):
             if key == "step":
                 out[key] = value
                 continue
-            ranks = [p.shape[1] for p in projections]
+            ks = [p.shape[-1] for p in projections]
             if key.endswith("_core"):
-                padded = value.new_zeros(augmented_shape)
-                padded[tuple(slice(0, s) for s in value.shape)] = value
-                out[key] = padded[tuple(slice(0, r) for r in ranks)].clone()
+                padded = value.new_zeros(value.shape[0], *augmented_shape)
+                padded[(slice(None), *(slice(0, s) for s in value.shape[1:]))] = value
+                out[key] = padded[(slice(None), *(slice(0, k) for k in ks))]
             else:
                 i = int(key[-1])
-                padded = value.new_zeros(value.shape[0], augmented_shape[i])
-                padded[:, : value.shape[1]] = value
-                out[key] = padded[:, : ranks[i]].clone()
+                padded = value.new_zeros(value.shape[0], value.shape[1], augmented_shape[i])
+                padded[:, :, : old_ranks[i]] = value
+                out[key] = padded[:, :, : ks[i]]
         return out
 
 

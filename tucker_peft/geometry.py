@@ -17,9 +17,8 @@ One step, with gradients ``g_i = dL/dU_i``, ``g_C = dL/dC`` of one backward pass
 5. :func:`mode_svds`, :func:`truncation_ranks`, :func:`truncate`: HOSVD truncation with the relative tolerance
    ``theta = tau * ||Ct||_F``, ranks clamped to ``[min_rank, max_rank]`` and to valid Tucker ranks.
 
-Batching: the functions of steps 1-5 take a leading batch dimension ``B`` (layers of equal shapes are updated
-together, with one batched SVD/QR per kind of operation); :func:`truncate` and :func:`truncation_ranks` act on one
-tensor, since ranks differ between layers.  Nothing here knows about modules, optimizers or moments; the integrator
+Batching: the tensor functions take a leading batch dimension ``B`` (layers of equal shapes are updated together,
+with one batched SVD/QR per kind of operation); :func:`truncation_ranks` decides the ranks of one layer on the host.  Nothing here knows about modules, optimizers or moments; the integrator
 composes these functions.
 """
 
@@ -168,16 +167,26 @@ def truncation_ranks(
     return valid_tucker_ranks(ranks, dense_sizes)
 
 
+def batched_mode_dot(tensor: torch.Tensor, matrices: torch.Tensor, mode: int) -> torch.Tensor:
+    """``T_b x_mode M_b`` for every member ``b`` of a batch: ``tensor`` ``(B, ...)``, ``matrices`` ``(B, m, n_mode)``."""
+    moved = torch.movedim(tensor, mode + 1, -1)
+    out = (moved.reshape(moved.shape[0], -1, moved.shape[-1]) @ matrices.transpose(-1, -2)).reshape(
+        *moved.shape[:-1], matrices.shape[-2]
+    )
+    return torch.movedim(out, -1, mode + 1)
+
+
 def truncate(
     ct: torch.Tensor, factors: Sequence[torch.Tensor], projections: Sequence[torch.Tensor]
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """``C = Ct x_i P_i^T``, ``U_i = Ut_i P_i`` for the (already cut) projections ``P_i`` ``(rt_i, r_i)``."""
-    if ct.dim() == 2 and len(projections) == 2:  # matrix core: two matmuls
-        core = projections[0].T @ ct @ projections[1]
+    """``C = Ct x_i P_i^T``, ``U_i = Ut_i P_i`` for a batch: ``ct`` ``(B, rt_0, ..., *w)``, ``factors``
+    ``(B, n_i, rt_i)``, projections ``(B, rt_i, r_i)`` (the leading singular vectors to keep)."""
+    if ct.dim() == 3 and len(projections) == 2:  # matrix cores: two batched matmuls
+        core = projections[0].transpose(-1, -2) @ ct @ projections[1]
     else:
         core = ct
         for i, p in enumerate(projections):
-            core = mode_dot(core, p.T, i)
+            core = batched_mode_dot(core, p.transpose(-1, -2), i)
     return core, [u @ p for u, p in zip(factors, projections)]
 
 

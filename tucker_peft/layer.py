@@ -127,7 +127,9 @@ class TuckerLayer(BaseTunerLayer):
             if new.dim() != 2 or new.shape[0] != param.shape[0]:
                 raise ValueError(f"factor {i} of shape {tuple(new.shape)} does not fit mode size {param.shape[0]}")
         for param, new in zip([self.core(adapter_name), *params], [core, *factors]):
-            new = new.detach().to(device=param.device, dtype=param.dtype).contiguous()
+            # a fresh tensor with standard strides: kernels pick their algorithm by layout, and a saved and reloaded
+            # adapter must compute bit-identically
+            new = torch.empty(new.shape, dtype=param.dtype, device=param.device).copy_(new.detach())
             if new.shape != param.shape:
                 # autograd keeps the parameter's gradient accumulator (with the old shape) alive as long as an old
                 # graph references it, and ``.data =`` only drops it on a dtype/device change: pass through another
@@ -303,7 +305,7 @@ class TuckerLayer(BaseTunerLayer):
 
 
 class Linear(nn.Module, TuckerLayer):
-    """Tucker adapter on ``nn.Linear`` or transformers' ``Conv1D``: ``y = base(x) + s ((x U1) C^T) U0^T``."""
+    """Tucker adapter on ``nn.Linear`` or transformers' ``Conv1D``: ``y = base(x) + s (x (C U1^T)^T) U0^T``."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
         super().__init__()
@@ -315,14 +317,17 @@ class Linear(nn.Module, TuckerLayer):
         return self._tucker_forward(x, *args, **kwargs)
 
     def _adapter_forward(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        # (C U1^T) is r0 x n_in: folding the small core into the input factor costs n_in r^2 and leaves two skinny
+        # GEMMs of LoRA's shapes and layouts, instead of a third pass over the activations
         u_out, u_in = self.factors(adapter)
-        return ((x @ u_in) @ self.core(adapter).T) @ u_out.T
+        return F.linear(F.linear(x, self.core(adapter) @ u_in.T), u_out)
 
 
 class Conv(nn.Module, TuckerLayer):
-    """Tucker adapter on ``nn.Conv1d/2d/3d``: 1x1 conv with ``U1^T``, the core conv (base stride/padding/dilation),
-    then 1x1 conv with ``U0``.  In ``full`` mode the core's window modes are first expanded by their factors, which
-    builds a kernel of shape ``(r0, r1, *k)`` (the size of the core, never of the dense delta)."""
+    """Tucker adapter on ``nn.Conv1d/2d/3d``: a conv with the kernel ``C x_1 U1`` (``r0 x n_in x k...``, with the
+    base layer's stride/padding/dilation), then a 1x1 conv with ``U0``; the structure and cost of LoRA's conv
+    adapter.  In ``full`` mode the window modes of the core are expanded by their factors too.  The kernel has
+    ``r0 n_in prod(k)`` entries, never the size of the dense delta."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
         super().__init__()
@@ -336,14 +341,11 @@ class Conv(nn.Module, TuckerLayer):
 
     def _adapter_forward(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
         factors = self.factors(adapter)
-        u_out, u_in = factors[0], factors[1]
-        kernel = self.core(adapter)
-        if len(factors) > 2:  # "full" mode: expand the window modes
-            kernel = multi_mode_dot(kernel, factors[2:], range(2, len(factors)))
-        ones = (1,) * len(self.kernel_size)
-        h = self._conv(x, u_in.T.reshape(u_in.shape[1], u_in.shape[0], *ones))
-        h = self.get_base_layer()._conv_forward(h, kernel, None)
-        return self._conv(h, u_out.reshape(*u_out.shape, *ones))
+        u_out = factors[0]
+        # kernel C x_1 U_in (x_j U_j on the window modes in "full" mode): r0 x n_in x k..., LoRA's conv A shape
+        kernel = multi_mode_dot(self.core(adapter), factors[1:], range(1, len(factors)))
+        h = self.get_base_layer()._conv_forward(x, kernel, None)
+        return self._conv(h, u_out.reshape(*u_out.shape, *(1,) * len(self.kernel_size)))
 
 
 def dispatch(target: nn.Module, adapter_name: str, **kwargs: Any) -> nn.Module:

@@ -238,8 +238,7 @@ class TuckerOptimizer(Optimizer):
                 k = sigma.shape[1]
                 sigmas.append([values[pos + b * k : pos + (b + 1) * k] for b in range(size)])
                 pos += size * k
-            for b in range(size):
-                self._truncate(plan, b, thetas[b], [per_mode[b] for per_mode in sigmas])
+            self._truncate(plan, thetas, sigmas)
         self._versions = self._param_versions()
         return loss
 
@@ -353,29 +352,40 @@ class TuckerOptimizer(Optimizer):
             "old_ranks": [u.shape[2] for u in factors],
         }
 
-    def _truncate(self, plan: dict, b: int, theta: float, sigmas: list[list[float]]) -> None:
-        """Phase 2 for member ``b`` of a batch: ranks from the host values, truncation, moments carried along."""
-        group, layer = plan["members"][b]
-        ct = plan["ct"][b]
+    def _truncate(self, plan: dict, thetas: list[float], sigmas: list[list[list[float]]]) -> None:
+        """Phase 2 for a batch: ranks from the host values; the factors, core and moments are projected on all
+        singular vectors at once (batched), then each layer keeps its leading ``r_i`` of them."""
+        members, ct = plan["members"], plan["ct"]
         d = len(plan["factors"])
-        ranks = geometry.truncation_ranks(sigmas, theta, group["min_rank"], group["max_rank"], tuple(ct.shape[d:]))
-        projections = [p[b, :, :r] for (p, _), r in zip(plan["svds"], ranks)]
-        core, factors = geometry.truncate(ct, [f[b] for f in plan["factors"]], projections)
-        layer.set_factors(self.adapter_name, core, factors)
-        if plan["state"]:
-            state = {k: (v if k == "step" else v[b]) for k, v in plan["state"].items()}
-            self.state[group["params"][0]] = self._transport_moments(
-                state, projections, plan["old_ranks"], tuple(ct.shape)
+        dense = tuple(ct.shape[d + 1 :])
+        projections = [p for p, _ in plan["svds"]]
+        core, factors = geometry.truncate(ct, plan["factors"], projections)
+        state = self._transport_moments(plan["state"], projections, plan["old_ranks"], tuple(ct.shape[1:]))
+        for b, (group, layer) in enumerate(members):
+            ranks = geometry.truncation_ranks(
+                [per_mode[b] for per_mode in sigmas], thetas[b], group["min_rank"], group["max_rank"], dense
             )
+            keep = tuple(slice(0, r) for r in ranks)
+            layer.set_factors(self.adapter_name, core[b][keep], [u[b, :, :r] for u, r in zip(factors, ranks)])
+            if state:
+                self.state[group["params"][0]] = {
+                    key: value
+                    if key == "step"
+                    else value[b][
+                        keep if key.endswith("_core") else (slice(None), slice(0, ranks[int(key[-1])]))
+                    ].clone()
+                    for key, value in state.items()
+                }
 
     @staticmethod
     def _transport_moments(
         state: dict[str, Any], projections: list[torch.Tensor], old_ranks: list[int], augmented_shape: tuple[int, ...]
     ) -> dict[str, Any]:
-        """Carry Adam moments from the old ranks to the truncated ones, in the coordinates of ``K_i`` and ``C``.
+        """Carry a batch of Adam moments to the coordinates of the truncated factors (before the per-layer cut).
 
         Augmentation pads with zeros (new directions have no history); truncation applies the same ``P_i`` as the
-        factors: ``m <- m P_i``, ``m_C <- m_C x_i P_i^T``, and for second moments the mixing form with ``P_i * P_i``.
+        factors: ``m <- m P_i``, ``m_C <- m_C x_i P_i^T``, and for second moments the mixing form with ``P_i * P_i``
+        (elementwise square).  ``projections`` ``(B, rt_i, k_i)``, moments ``(B, ...)`` at the old ranks.
         """
         out = {}
         for key, value in state.items():
@@ -384,13 +394,13 @@ class TuckerOptimizer(Optimizer):
                 continue
             projs = [p * p for p in projections] if key.startswith("exp_avg_sq_") else projections
             if key.endswith("_core"):
-                padded = value.new_zeros(augmented_shape)
-                padded[tuple(slice(0, s) for s in value.shape)] = value
+                padded = value.new_zeros(value.shape[0], *augmented_shape)
+                padded[(slice(None), *(slice(0, s) for s in value.shape[1:]))] = value
                 out[key] = geometry.truncate(padded, [], projs)[0]
             else:
                 i = int(key[-1])
-                padded = value.new_zeros(value.shape[0], augmented_shape[i])
-                padded[:, : old_ranks[i]] = value
+                padded = value.new_zeros(value.shape[0], value.shape[1], augmented_shape[i])
+                padded[:, :, : old_ranks[i]] = value
                 out[key] = padded @ projs[i]
         return out
 

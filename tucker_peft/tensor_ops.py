@@ -50,7 +50,7 @@ def orthonormal(n: int, r: int, *, generator: torch.Generator | None = None, dty
     gaussian = torch.randn(n, r, generator=generator, dtype=torch.float64)
     q, rr = torch.linalg.qr(gaussian)
     q = q * torch.sign(torch.diagonal(rr)).where(torch.diagonal(rr) != 0, torch.ones(()))
-    return q.to(dtype).contiguous()
+    return torch.empty(n, r, dtype=dtype).copy_(q)  # standard row-major strides, also for r = 1
 
 
 def valid_tucker_ranks(ranks: Sequence[int], dense_sizes: Sequence[int] = ()) -> list[int]:

