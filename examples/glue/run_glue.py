@@ -1,0 +1,321 @@
+#!/usr/bin/env python
+"""Fine-tune a model on a GLUE task with tucker-peft's rank-adaptive Tucker adapters, or a baseline.
+
+In the style of transformers' ``examples/pytorch/text-classification/run_glue.py``: dataclass arguments parsed by
+``HfArgumentParser`` (all ``TrainingArguments`` are accepted), ``--task_name`` (data from the Hub when online) and/or
+``--train_file/--validation_file`` (csv/tsv/json/parquet), and ``--method tucker|lora|adalora|full`` so that the
+baselines run through the same code, data, seeds and schedule.
+
+    python examples/glue/run_glue.py --model_name_or_path MODEL --task_name sst2 \\
+        --train_file examples/glue/data/sst2/train.tsv --validation_file examples/glue/data/sst2/dev.tsv \\
+        --method tucker --output_dir out/sst2 --num_train_epochs 2 --learning_rate 2e-3
+
+At the end it prints one table (task metric, trainable parameters at start and end, final ranks) and saves the
+adapter, ``results.json`` and, for tucker, ``tucker_ranks.json`` / ``tucker_ranks.png`` into ``--output_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    HfArgumentParser,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+
+import tucker_peft
+
+logger = logging.getLogger("run_glue")
+
+TASK_TO_KEYS = {
+    "cola": ("sentence", None),
+    "mnli": ("premise", "hypothesis"),
+    "mrpc": ("sentence1", "sentence2"),
+    "qnli": ("question", "sentence"),
+    "qqp": ("question1", "question2"),
+    "rte": ("sentence1", "sentence2"),
+    "sst2": ("sentence", None),
+    "stsb": ("sentence1", "sentence2"),
+    "wnli": ("sentence1", "sentence2"),
+}
+#: column names of the original GLUE files (MRPC, STS-B) mapped to the names of the Hub dataset
+RAW_COLUMN_ALIASES = {"#1 String": "sentence1", "#2 String": "sentence2", "Quality": "label", "score": "label"}
+MAIN_METRIC = {"cola": "matthews_correlation", "stsb": "pearson", "mrpc": "f1", "qqp": "f1"}
+
+#: attention + feed-forward projections per model family (the default target set)
+DEFAULT_TARGETS = {
+    "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "xlm-roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "deberta-v2": ["query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
+}
+
+
+@dataclass
+class DataTrainingArguments:
+    task_name: Optional[str] = field(default=None, metadata={"help": f"GLUE task: {', '.join(TASK_TO_KEYS)}."})
+    train_file: Optional[str] = field(default=None, metadata={"help": "Training data: csv, tsv, json or parquet."})
+    validation_file: Optional[str] = field(default=None, metadata={"help": "Validation data, same formats."})
+    max_seq_length: int = field(default=128, metadata={"help": "Longer inputs are truncated."})
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use the first N training rows."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use the first N validation rows."})
+    sentence1_key: Optional[str] = field(default=None, metadata={"help": "Text column (default: from the task)."})
+    sentence2_key: Optional[str] = field(default=None, metadata={"help": "Second text column, if any."})
+    label_key: str = field(default="label", metadata={"help": "Label column of custom files."})
+
+    def __post_init__(self):
+        if self.task_name is not None:
+            self.task_name = self.task_name.lower()
+            if self.task_name not in TASK_TO_KEYS:
+                raise ValueError(f"Unknown task {self.task_name!r}; choose one of {list(TASK_TO_KEYS)}.")
+        elif self.train_file is None or self.validation_file is None:
+            raise ValueError("Pass --task_name, or --train_file and --validation_file (or both).")
+        for path in (self.train_file, self.validation_file):
+            if path is not None and path.rsplit(".", 1)[-1] not in ("csv", "tsv", "json", "jsonl", "parquet"):
+                raise ValueError(f"{path}: data files must be csv, tsv, json(l) or parquet.")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "Pretrained model name on the Hub or local folder."})
+    method: str = field(default="tucker", metadata={"help": "tucker | lora | adalora | full"})
+    r: int = field(default=8, metadata={"help": "Initial rank (tucker), rank (lora), initial rank (adalora)."})
+    max_rank: int = field(default=32, metadata={"help": "tucker: largest rank per mode."})
+    min_rank: int = field(default=1, metadata={"help": "tucker: smallest rank per mode."})
+    tau: float = field(default=0.1, metadata={"help": "tucker: relative truncation tolerance."})
+    alpha: float = field(default=8.0, metadata={"help": "Adapter scale numerator (tucker alpha, lora_alpha)."})
+    adapter_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input."})
+    direction: str = field(default="adam", metadata={"help": "tucker: 'adam' or 'sgd' step direction."})
+    adalora_target_r: int = field(default=4, metadata={"help": "adalora: average final rank."})
+    target_modules: Optional[str] = field(
+        default=None, metadata={"help": "Comma-separated module names; default: attention + FFN of the model family."}
+    )
+
+
+def glue_metrics(task: Optional[str], predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """GLUE's metric of ``task`` (accuracy by default), with scikit-learn/scipy: the same formulas as ``evaluate``'s
+    ``glue`` metric, which needs the Hub.  ``predictions`` are class ids (or scores for stsb)."""
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import f1_score, matthews_corrcoef
+
+    if task == "cola":
+        return {"matthews_correlation": float(matthews_corrcoef(labels, predictions))}
+    if task == "stsb":
+        return {"pearson": float(pearsonr(predictions, labels)[0]), "spearmanr": float(spearmanr(predictions, labels)[0])}
+    accuracy = float((predictions == labels).mean())
+    if task in ("mrpc", "qqp"):
+        return {"accuracy": accuracy, "f1": float(f1_score(y_true=labels, y_pred=predictions))}
+    return {"accuracy": accuracy}
+
+
+def metric_function(task: Optional[str]):
+    """``evaluate``'s GLUE metric when it loads (online), else :func:`glue_metrics`."""
+    try:
+        import evaluate
+
+        metric = evaluate.load("glue", task if task else "sst2")
+        return lambda p, l: {k: float(v) for k, v in metric.compute(predictions=p, references=l).items()}
+    except Exception as err:  # offline: evaluate fetches its metric scripts from the Hub
+        logger.info("evaluate's glue metric is not available (%s); computing it with scikit-learn/scipy", err)
+        return lambda p, l: glue_metrics(task, p, l)
+
+
+def load_data(data_args: DataTrainingArguments, cache_dir: Optional[str] = None):
+    from datasets import load_dataset
+
+    if data_args.train_file is None:
+        return load_dataset("nyu-mll/glue", data_args.task_name, cache_dir=cache_dir)
+    files = {"train": data_args.train_file, "validation": data_args.validation_file}
+    extension = data_args.train_file.rsplit(".", 1)[-1]
+    if extension in ("csv", "tsv"):
+        kwargs = {"delimiter": "\t" if extension == "tsv" else ",", "quoting": 3, "encoding": "utf-8-sig"}
+        raw = load_dataset("csv", data_files=files, cache_dir=cache_dir, **kwargs)
+    else:
+        raw = load_dataset("json" if extension.startswith("json") else extension, data_files=files, cache_dir=cache_dir)
+    renames = {k: v for k, v in RAW_COLUMN_ALIASES.items() if k in raw["train"].column_names}
+    if data_args.label_key != "label" and data_args.label_key in raw["train"].column_names:
+        renames[data_args.label_key] = "label"
+    return raw.rename_columns(renames) if renames else raw
+
+
+class AdaLoraCallback(TrainerCallback):
+    """AdaLoRA's documented loop: ``update_and_allocate(step)`` after each optimizer step, before zero_grad."""
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        model.base_model.update_and_allocate(state.global_step + 1)
+
+
+def adapter_summary(model, method: str) -> dict:
+    """Trainable parameters and rank figures of the adapter as it stands."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if method == "tucker":
+        ranks = [r for v in tucker_peft.current_ranks(model).values() for r in v]
+        head = trainable - sum(p.numel() for p in tucker_peft.tucker_parameters(model) if p.requires_grad)
+        return {"trainable": head + tucker_peft.adapter_parameter_count(model), "ranks": ranks}
+    if method == "adalora":  # effective ranks: the singular values AdaLoRA kept
+        ranks, effective = [], trainable
+        for module in model.modules():
+            if hasattr(module, "lora_E") and "default" in module.lora_E:
+                e = module.lora_E["default"]
+                kept = int((e != 0).sum())
+                full, a, b = e.shape[0], module.lora_A["default"], module.lora_B["default"]
+                effective -= (full - kept) * (a.shape[1] + b.shape[0] + 1)
+                ranks.append(kept)
+        return {"trainable": effective, "ranks": ranks}
+    if method == "lora":
+        ranks = [m.r["default"] for m in model.modules() if hasattr(m, "lora_A") and "default" in getattr(m, "r", {})]
+        return {"trainable": trainable, "ranks": ranks}
+    return {"trainable": trainable, "ranks": []}
+
+
+def build_model(model_args: ModelArguments, num_labels: int):
+    from peft import AdaLoraConfig, LoraConfig, get_peft_model
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_args.model_name_or_path, num_labels=num_labels)
+    if model_args.method == "full":
+        return model
+    targets = model_args.target_modules.split(",") if model_args.target_modules else None
+    targets = targets or DEFAULT_TARGETS.get(model.config.model_type)
+    if model_args.method == "tucker":
+        config = tucker_peft.TuckerLoraConfig(
+            task_type="SEQ_CLS",
+            r=model_args.r,
+            max_rank=max(model_args.max_rank, model_args.r),
+            min_rank=model_args.min_rank,
+            tau=model_args.tau,
+            alpha=model_args.alpha,
+            dropout=model_args.adapter_dropout,
+            target_modules=targets,
+        )
+    elif model_args.method == "lora":
+        config = LoraConfig(
+            task_type="SEQ_CLS", r=model_args.r, lora_alpha=model_args.alpha, lora_dropout=model_args.adapter_dropout,
+            target_modules=targets,
+        )
+    elif model_args.method == "adalora":
+        config = None  # needs total_step; built in main()
+    else:
+        raise ValueError(f"--method must be tucker, lora, adalora or full; got {model_args.method!r}.")
+    return model if config is None else get_peft_model(model, config)
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
+    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        model_args, data_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
+    else:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(training_args.seed)
+
+    raw = load_data(data_args)
+    task = data_args.task_name
+    is_regression = task == "stsb" or raw["train"].features["label"].dtype in ("float32", "float64")
+    num_labels = 1 if is_regression else len(set(raw["train"]["label"]))
+    key1, key2 = TASK_TO_KEYS.get(task, (None, None))
+    key1 = data_args.sentence1_key or key1 or "sentence"
+    key2 = data_args.sentence2_key or key2
+    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
+
+    def tokenize(batch):
+        texts = (batch[key1],) if key2 is None else (batch[key1], batch[key2])
+        out = tokenizer(*texts, truncation=True, max_length=data_args.max_seq_length)
+        out["labels"] = [float(x) for x in batch["label"]] if is_regression else batch["label"]
+        return out
+
+    train = raw["train"]
+    evaluation = raw["validation_matched" if task == "mnli" else "validation"]
+    if data_args.max_train_samples:
+        train = train.select(range(min(data_args.max_train_samples, len(train))))
+    if data_args.max_eval_samples:
+        evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
+    train = train.map(tokenize, batched=True, remove_columns=train.column_names)
+    evaluation = evaluation.map(tokenize, batched=True, remove_columns=evaluation.column_names)
+
+    model = build_model(model_args, num_labels)
+    callbacks = []
+    if model_args.method == "adalora":
+        from peft import AdaLoraConfig, get_peft_model
+
+        steps_per_epoch = math.ceil(len(train) / (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps))
+        total = training_args.max_steps if training_args.max_steps > 0 else math.ceil(training_args.num_train_epochs * steps_per_epoch)
+        targets = model_args.target_modules.split(",") if model_args.target_modules else DEFAULT_TARGETS.get(model.config.model_type)
+        model = get_peft_model(
+            model,
+            AdaLoraConfig(
+                task_type="SEQ_CLS", init_r=model_args.r, target_r=model_args.adalora_target_r, lora_alpha=model_args.alpha,
+                target_modules=targets, total_step=total, tinit=max(1, total // 10), tfinal=max(1, total // 5), deltaT=max(1, total // 50),
+            ),
+        )
+        callbacks.append(AdaLoraCallback())
+    elif model_args.method == "tucker":
+        callbacks.append(tucker_peft.TuckerLoraCallback(direction=model_args.direction))
+    start = adapter_summary(model, model_args.method)
+
+    compute = metric_function(task)
+
+    def compute_metrics(eval_pred):
+        logits, labels = eval_pred
+        predictions = np.squeeze(logits) if is_regression else np.argmax(logits, axis=1)
+        return compute(predictions, labels)
+
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=compute_metrics,
+        callbacks=callbacks,
+    )
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    metrics = trainer.evaluate()
+    end = adapter_summary(model, model_args.method)
+    trainer.save_model(training_args.output_dir)
+
+    main_metric = MAIN_METRIC.get(task, "accuracy")
+    ranks = end["ranks"]
+    result = {
+        "task": task or os.path.basename(data_args.train_file),
+        "method": model_args.method,
+        "metric": main_metric,
+        "value": metrics[f"eval_{main_metric}"],
+        "eval_metrics": metrics,
+        "trainable_params_start": start["trainable"],
+        "trainable_params_end": end["trainable"],
+        "ranks": {"min": min(ranks), "mean": sum(ranks) / len(ranks), "max": max(ranks)} if ranks else None,
+        "train_seconds": train_result.metrics.get("train_runtime"),
+        "seconds_per_step": train_result.metrics.get("train_runtime", 0.0) / max(trainer.state.global_step, 1),
+        "steps": trainer.state.global_step,
+    }
+    if trainer.is_world_process_zero():
+        with open(os.path.join(training_args.output_dir, "results.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        rank_text = "-" if not ranks else f"{min(ranks)} / {sum(ranks) / len(ranks):.2f} / {max(ranks)}"
+        print("\n| task | method | metric | value | trainable params (start) | trainable params (end) | ranks min / mean / max |")
+        print("|---|---|---|---|---|---|---|")
+        print(
+            f"| {result['task']} | {result['method']} | {main_metric} | {result['value']:.4f} | "
+            f"{start['trainable']:,} | {end['trainable']:,} | {rank_text} |"
+        )
+    return result
+
+
+if __name__ == "__main__":
+    main()
