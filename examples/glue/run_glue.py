@@ -22,10 +22,8 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
-import torch
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -61,21 +59,28 @@ DEFAULT_TARGETS = {
     "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
     "roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
     "xlm-roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
-    "deberta-v2": ["query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "deberta-v2": [
+        "query_proj",
+        "key_proj",
+        "value_proj",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
+    ],
     "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
 }
 
 
 @dataclass
 class DataTrainingArguments:
-    task_name: Optional[str] = field(default=None, metadata={"help": f"GLUE task: {', '.join(TASK_TO_KEYS)}."})
-    train_file: Optional[str] = field(default=None, metadata={"help": "Training data: csv, tsv, json or parquet."})
-    validation_file: Optional[str] = field(default=None, metadata={"help": "Validation data, same formats."})
+    task_name: str | None = field(default=None, metadata={"help": f"GLUE task: {', '.join(TASK_TO_KEYS)}."})
+    train_file: str | None = field(default=None, metadata={"help": "Training data: csv, tsv, json or parquet."})
+    validation_file: str | None = field(default=None, metadata={"help": "Validation data, same formats."})
     max_seq_length: int = field(default=128, metadata={"help": "Longer inputs are truncated."})
-    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use the first N training rows."})
-    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use the first N validation rows."})
-    sentence1_key: Optional[str] = field(default=None, metadata={"help": "Text column (default: from the task)."})
-    sentence2_key: Optional[str] = field(default=None, metadata={"help": "Second text column, if any."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use the first N validation rows."})
+    sentence1_key: str | None = field(default=None, metadata={"help": "Text column (default: from the task)."})
+    sentence2_key: str | None = field(default=None, metadata={"help": "Second text column, if any."})
     label_key: str = field(default="label", metadata={"help": "Label column of custom files."})
 
     def __post_init__(self):
@@ -102,12 +107,15 @@ class ModelArguments:
     adapter_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input."})
     direction: str = field(default="adam", metadata={"help": "tucker: 'adam' or 'sgd' step direction."})
     adalora_target_r: int = field(default=4, metadata={"help": "adalora: average final rank."})
-    target_modules: Optional[str] = field(
+    ignore_mismatched_sizes: bool = field(
+        default=False, metadata={"help": "Re-initialise a classifier head whose size differs from num_labels."}
+    )
+    target_modules: str | None = field(
         default=None, metadata={"help": "Comma-separated module names; default: attention + FFN of the model family."}
     )
 
 
-def glue_metrics(task: Optional[str], predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+def glue_metrics(task: str | None, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """GLUE's metric of ``task`` (accuracy by default), with scikit-learn/scipy: the same formulas as ``evaluate``'s
     ``glue`` metric, which needs the Hub.  ``predictions`` are class ids (or scores for stsb)."""
     from scipy.stats import pearsonr, spearmanr
@@ -116,26 +124,29 @@ def glue_metrics(task: Optional[str], predictions: np.ndarray, labels: np.ndarra
     if task == "cola":
         return {"matthews_correlation": float(matthews_corrcoef(labels, predictions))}
     if task == "stsb":
-        return {"pearson": float(pearsonr(predictions, labels)[0]), "spearmanr": float(spearmanr(predictions, labels)[0])}
+        return {
+            "pearson": float(pearsonr(predictions, labels)[0]),
+            "spearmanr": float(spearmanr(predictions, labels)[0]),
+        }
     accuracy = float((predictions == labels).mean())
     if task in ("mrpc", "qqp"):
         return {"accuracy": accuracy, "f1": float(f1_score(y_true=labels, y_pred=predictions))}
     return {"accuracy": accuracy}
 
 
-def metric_function(task: Optional[str]):
+def metric_function(task: str | None):
     """``evaluate``'s GLUE metric when it loads (online), else :func:`glue_metrics`."""
     try:
         import evaluate
 
         metric = evaluate.load("glue", task if task else "sst2")
-        return lambda p, l: {k: float(v) for k, v in metric.compute(predictions=p, references=l).items()}
+        return lambda preds, refs: {k: float(v) for k, v in metric.compute(predictions=preds, references=refs).items()}
     except Exception as err:  # offline: evaluate fetches its metric scripts from the Hub
         logger.info("evaluate's glue metric is not available (%s); computing it with scikit-learn/scipy", err)
-        return lambda p, l: glue_metrics(task, p, l)
+        return lambda preds, refs: glue_metrics(task, preds, refs)
 
 
-def load_data(data_args: DataTrainingArguments, cache_dir: Optional[str] = None):
+def load_data(data_args: DataTrainingArguments, cache_dir: str | None = None):
     from datasets import load_dataset
 
     if data_args.train_file is None:
@@ -146,7 +157,9 @@ def load_data(data_args: DataTrainingArguments, cache_dir: Optional[str] = None)
         kwargs = {"delimiter": "\t" if extension == "tsv" else ",", "quoting": 3, "encoding": "utf-8-sig"}
         raw = load_dataset("csv", data_files=files, cache_dir=cache_dir, **kwargs)
     else:
-        raw = load_dataset("json" if extension.startswith("json") else extension, data_files=files, cache_dir=cache_dir)
+        raw = load_dataset(
+            "json" if extension.startswith("json") else extension, data_files=files, cache_dir=cache_dir
+        )
     renames = {k: v for k, v in RAW_COLUMN_ALIASES.items() if k in raw["train"].column_names}
     if data_args.label_key != "label" and data_args.label_key in raw["train"].column_names:
         renames[data_args.label_key] = "label"
@@ -157,7 +170,7 @@ class AdaLoraCallback(TrainerCallback):
     """AdaLoRA's documented loop: ``update_and_allocate(step)`` after each optimizer step, before zero_grad."""
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
-        model.base_model.update_and_allocate(state.global_step + 1)
+        model.base_model.update_and_allocate(state.global_step)  # 0-based, as in PEFT's example loop
 
 
 def adapter_summary(model, method: str) -> dict:
@@ -172,7 +185,8 @@ def adapter_summary(model, method: str) -> dict:
         for module in model.modules():
             if hasattr(module, "lora_E") and "default" in module.lora_E:
                 e = module.lora_E["default"]
-                kept = int((e != 0).sum())
+                # at creation E is all zero but every rank is trainable; later, pruned ranks are the zeroed ones
+                kept = int((e != 0).sum()) if bool((e != 0).any()) else e.shape[0]
                 full, a, b = e.shape[0], module.lora_A["default"], module.lora_B["default"]
                 effective -= (full - kept) * (a.shape[1] + b.shape[0] + 1)
                 ranks.append(kept)
@@ -184,9 +198,13 @@ def adapter_summary(model, method: str) -> dict:
 
 
 def build_model(model_args: ModelArguments, num_labels: int):
-    from peft import AdaLoraConfig, LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model
 
-    model = AutoModelForSequenceClassification.from_pretrained(model_args.model_name_or_path, num_labels=num_labels)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_args.model_name_or_path,
+        num_labels=num_labels,
+        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+    )
     if model_args.method == "full":
         return model
     targets = model_args.target_modules.split(",") if model_args.target_modules else None
@@ -204,17 +222,22 @@ def build_model(model_args: ModelArguments, num_labels: int):
         )
     elif model_args.method == "lora":
         config = LoraConfig(
-            task_type="SEQ_CLS", r=model_args.r, lora_alpha=model_args.alpha, lora_dropout=model_args.adapter_dropout,
+            task_type="SEQ_CLS",
+            r=model_args.r,
+            lora_alpha=model_args.alpha,
+            lora_dropout=model_args.adapter_dropout,
             target_modules=targets,
         )
     elif model_args.method == "adalora":
+        if not model_args.adalora_target_r < model_args.r:
+            raise ValueError(f"--adalora_target_r ({model_args.adalora_target_r}) must be below --r ({model_args.r}).")
         config = None  # needs total_step; built in main()
     else:
         raise ValueError(f"--method must be tucker, lora, adalora or full; got {model_args.method!r}.")
     return model if config is None else get_peft_model(model, config)
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
+def main(argv: list[str] | None = None) -> dict:
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
     if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
         model_args, data_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
@@ -252,14 +275,31 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if model_args.method == "adalora":
         from peft import AdaLoraConfig, get_peft_model
 
-        steps_per_epoch = math.ceil(len(train) / (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps))
-        total = training_args.max_steps if training_args.max_steps > 0 else math.ceil(training_args.num_train_epochs * steps_per_epoch)
-        targets = model_args.target_modules.split(",") if model_args.target_modules else DEFAULT_TARGETS.get(model.config.model_type)
+        steps_per_epoch = math.ceil(
+            len(train) / (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps)
+        )
+        total = (
+            training_args.max_steps
+            if training_args.max_steps > 0
+            else math.ceil(training_args.num_train_epochs * steps_per_epoch)
+        )
+        targets = (
+            model_args.target_modules.split(",")
+            if model_args.target_modules
+            else DEFAULT_TARGETS.get(model.config.model_type)
+        )
         model = get_peft_model(
             model,
             AdaLoraConfig(
-                task_type="SEQ_CLS", init_r=model_args.r, target_r=model_args.adalora_target_r, lora_alpha=model_args.alpha,
-                target_modules=targets, total_step=total, tinit=max(1, total // 10), tfinal=max(1, total // 5), deltaT=max(1, total // 50),
+                task_type="SEQ_CLS",
+                init_r=model_args.r,
+                target_r=model_args.adalora_target_r,
+                lora_alpha=model_args.alpha,
+                target_modules=targets,
+                total_step=total,
+                tinit=max(1, total // 10),
+                tfinal=max(1, total // 5),
+                deltaT=max(1, total // 50),
             ),
         )
         callbacks.append(AdaLoraCallback())
@@ -308,7 +348,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
         with open(os.path.join(training_args.output_dir, "results.json"), "w") as f:
             json.dump(result, f, indent=2)
         rank_text = "-" if not ranks else f"{min(ranks)} / {sum(ranks) / len(ranks):.2f} / {max(ranks)}"
-        print("\n| task | method | metric | value | trainable params (start) | trainable params (end) | ranks min / mean / max |")
+        print(
+            "\n| task | method | metric | value | trainable params (start) | trainable params (end) | ranks min / mean / max |"
+        )
         print("|---|---|---|---|---|---|---|")
         print(
             f"| {result['task']} | {result['method']} | {main_metric} | {result['value']:.4f} | "

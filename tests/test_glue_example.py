@@ -1,0 +1,123 @@
+"""examples/glue/run_glue.py end to end on a tiny BERT built from a config, and the offline GLUE metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples", "glue"))
+import run_glue  # noqa: E402
+
+WORDS = ["good", "great", "fine", "lovely", "bad", "awful", "poor", "dull", "movie", "plot", "the", "a", "was", "is"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(path)
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=5 + len(WORDS),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=64,
+    )
+    BertForSequenceClassification(cfg).save_pretrained(path)
+    return path
+
+
+def _write_data(folder, regression=False):
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(64):
+        positive = rng.random() < 0.5
+        adjective = rng.choice(WORDS[:4] if positive else WORDS[4:8])
+        sentence = f"the movie was {adjective}"
+        label = f"{rng.uniform(3, 5) if positive else rng.uniform(0, 2):.2f}" if regression else str(int(positive))
+        rows.append((sentence, "the plot is " + adjective, label))
+    for name, part in (("train.tsv", rows[:48]), ("dev.tsv", rows[48:])):
+        header = "sentence1\tsentence2\tscore" if regression else "sentence\tsentence2\tlabel"
+        (folder / name).write_text(header + "\n" + "\n".join("\t".join(r) for r in part) + "\n")
+
+
+@pytest.mark.parametrize("method", ["tucker", "lora", "adalora"])
+def test_run_glue_end_to_end(tmp_path, tiny_model_dir, method, capsys):
+    _write_data(tmp_path)
+    out = tmp_path / "out"
+    args = (
+        f"--model_name_or_path {tiny_model_dir} --task_name sst2 --train_file {tmp_path / 'train.tsv'} "
+        f"--validation_file {tmp_path / 'dev.tsv'} --method {method} --r 4 --adalora_target_r 2 --output_dir {out} "
+        "--max_steps 12 --per_device_train_batch_size 8 --learning_rate 1e-2 --report_to none --save_strategy no "
+        "--use_cpu --seed 0 --disable_tqdm true --logging_steps 4"
+    )
+    result = run_glue.main(args.split())
+    printed = capsys.readouterr().out
+    assert f"| sst2 | {method} | accuracy | {result['value']:.4f} |" in printed
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["method"] == method and 0.0 <= saved["value"] <= 1.0 and saved["steps"] == 12
+    assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+    assert saved["trainable_params_start"] > 0 and saved["trainable_params_end"] > 0
+    if method == "tucker":
+        assert (out / "tucker_ranks.json").exists() and (out / "tucker_ranks.png").exists()
+        assert saved["trainable_params_end"] < saved["trainable_params_start"]  # ranks shrank from 4
+        assert 1 <= saved["ranks"]["min"] <= saved["ranks"]["mean"] <= saved["ranks"]["max"] <= 32
+    if method == "adalora":
+        assert saved["ranks"]["mean"] < 4 and saved["trainable_params_end"] < saved["trainable_params_start"]
+    if method == "lora":
+        assert saved["ranks"] == {"min": 4, "mean": 4.0, "max": 4}
+        assert saved["trainable_params_end"] == saved["trainable_params_start"]
+
+
+def test_run_glue_regression_task(tmp_path, tiny_model_dir):
+    _write_data(tmp_path, regression=True)
+    args = (
+        f"--model_name_or_path {tiny_model_dir} --task_name stsb --train_file {tmp_path / 'train.tsv'} "
+        f"--validation_file {tmp_path / 'dev.tsv'} --output_dir {tmp_path / 'out'} --max_steps 24 --learning_rate 1e-2 "
+        "--per_device_train_batch_size 8 --report_to none --save_strategy no --use_cpu --disable_tqdm true "
+        "--ignore_mismatched_sizes true"
+    )
+    result = run_glue.main(args.split())
+    assert result["metric"] == "pearson" and -1.0 <= result["value"] <= 1.0
+    assert "eval_spearmanr" in result["eval_metrics"]
+
+
+def test_offline_metrics_known_values():
+    predictions = np.array([1, 0, 1, 1, 0, 1, 0, 0])
+    labels = np.array([1, 0, 0, 1, 0, 1, 1, 0])
+    # tp = 3, tn = 3, fp = 1, fn = 1
+    assert run_glue.glue_metrics("sst2", predictions, labels) == {"accuracy": 0.75}
+    mrpc = run_glue.glue_metrics("mrpc", predictions, labels)
+    assert mrpc["accuracy"] == 0.75 and mrpc["f1"] == pytest.approx(0.75)  # 2 tp / (2 tp + fp + fn)
+    # MCC = (tp tn - fp fn) / sqrt((tp+fp)(tp+fn)(tn+fp)(tn+fn)) = (9 - 1) / 16
+    assert run_glue.glue_metrics("cola", predictions, labels)["matthews_correlation"] == pytest.approx(0.5)
+    scores, gold = np.array([0.1, 0.4, 0.35, 0.8]), np.array([0.0, 0.5, 0.2, 1.0])
+    stsb = run_glue.glue_metrics("stsb", scores, gold)
+    assert stsb["pearson"] == pytest.approx(np.corrcoef(scores, gold)[0, 1])
+    assert stsb["spearmanr"] == pytest.approx(1.0)  # same order
+    # when evaluate's metric can be loaded (online), both paths must agree on the same predictions
+    try:
+        import evaluate
+
+        metric = evaluate.load("glue", "mrpc")
+    except Exception:
+        return
+    online = metric.compute(predictions=predictions, references=labels)
+    assert online["f1"] == pytest.approx(mrpc["f1"]) and online["accuracy"] == pytest.approx(mrpc["accuracy"])
+
+
+def test_bad_arguments_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="Unknown task"):
+        run_glue.DataTrainingArguments(task_name="sst3")
+    with pytest.raises(ValueError, match="--train_file and --validation_file"):
+        run_glue.DataTrainingArguments()
+    with pytest.raises(ValueError, match="csv, tsv"):
+        run_glue.DataTrainingArguments(train_file="a.txt", validation_file="b.txt")
