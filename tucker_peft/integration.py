@@ -271,7 +271,10 @@ class TuckerLoraCallback(TrainerCallback):
                 return
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        self.tucker = attach(optimizer, model, **self.optimizer_kwargs)
+        # a second trainer.train() on the same optimizer keeps the update that is already attached
+        self.tucker = getattr(_torch_optimizer(optimizer), "_tucker_optimizer", None) or attach(
+            optimizer, model, **self.optimizer_kwargs
+        )
         self.history = [{"step": state.global_step, **rank_summary(self.tucker)}]
         if state.global_step > 0:
             self._resume_state(args, state)
