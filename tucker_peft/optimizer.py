@@ -202,7 +202,7 @@ class TuckerOptimizer(Optimizer):
             core, *factors = group["params"]
             if core.grad is None or any(u.grad is None for u in factors):
                 continue  # no gradient this step: leave the layer as it is
-            settings = tuple((k, v) for k, v in sorted(group.items()) if k not in ("params", "name"))
+            settings = tuple((k, repr(v)) for k, v in sorted(group.items()) if k not in ("params", "name"))
             key = (tuple(p.shape for p in group["params"]), core.dtype, core.device, settings)
             key += (self.state[core].get("step", 0),)
             batches.setdefault(key, []).append((group, layer))
