@@ -253,6 +253,15 @@ def test_optimizer_state_dict_carries_the_update_state():
     for k, v in tucker.state_dict()["state"].items():
         for key, value in v.items():
             assert torch.equal(torch.as_tensor(tucker2.state_dict()["state"][k][key]), torch.as_tensor(value))
+    # the update keeps following the (new) group dicts that load_state_dict installed: at lr 0 no delta moves
+    optimizer2.param_groups[0]["lr"] = 0.0
+    model2(**batch).loss.backward()
+    layers = [layer for _, layer in tucker_peft.iter_tucker_layers(model2)]
+    before = [layer.get_delta_weight("default").detach().clone() for layer in layers]
+    optimizer2.step()
+    assert all(g["lr"] == 0.0 for g in tucker2.param_groups)
+    for layer, delta in zip(layers, before):
+        torch.testing.assert_close(layer.get_delta_weight("default"), delta, atol=1e-6, rtol=1e-5)
 
 
 def test_misuse_is_refused():

@@ -126,9 +126,11 @@ def attach(optimizer: Any, model: nn.Module, **kwargs: Any) -> TuckerOptimizer:
     kwargs.setdefault("weight_decay", holding[0].get("weight_decay", 0.0))
     tucker = TuckerOptimizer(unwrapped, **kwargs)
     tucker.distributed = _is_distributed()
-    # each layer follows the learning rate (and weight decay) of the optimizer's group that holds its core
+    # each layer follows the learning rate (and weight decay) of the optimizer's group that holds its core; kept as
+    # group indices, since load_state_dict replaces the group dicts
+    index = {id(g): i for i, g in enumerate(inner.param_groups)}
     follow_group = [
-        next((g for g in holding if any(p is group["params"][0] for p in g["params"])), holding[0])
+        index[id(next((g for g in holding if any(p is group["params"][0] for p in g["params"])), holding[0]))]
         for group in tucker.param_groups
     ]
     hidden: list[tuple[dict, list]] = []
@@ -143,7 +145,8 @@ def attach(optimizer: Any, model: nn.Module, **kwargs: Any) -> TuckerOptimizer:
         while hidden:
             group, params = hidden.pop()
             group["params"] = params
-        for group, source in zip(tucker.param_groups, follow_group):
+        for group, i in zip(tucker.param_groups, follow_group):
+            source = opt.param_groups[i]
             group["lr"] = source["lr"]
             if follow_weight_decay:
                 group["weight_decay"] = source.get("weight_decay", 0.0)
