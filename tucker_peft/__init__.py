@@ -7,6 +7,7 @@ Importing this package registers the method with PEFT (``PeftType.TUCKER``), so 
 
 from . import model_card
 from ._registry import TUCKER_PEFT_TYPE, register
+from .adapters_io import load_adapter, load_into_pipeline, save_adapter
 from .config import TuckerLoraConfig
 from .integration import TuckerLoraCallback, attach
 from .layer import Conv, Linear, TuckerLayer
@@ -31,6 +32,9 @@ __all__ = [
     "attach",
     "current_ranks",
     "iter_tucker_layers",
+    "load_adapter",
+    "load_into_pipeline",
     "non_tucker_parameters",
+    "save_adapter",
     "tucker_parameters",
 ]

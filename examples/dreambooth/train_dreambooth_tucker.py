@@ -1,0 +1,409 @@
+#!/usr/bin/env python
+"""DreamBooth fine-tuning of a Stable Diffusion UNet (and optionally its text encoder) with tucker-peft adapters.
+
+Follows diffusers' ``examples/dreambooth/train_dreambooth_lora.py``: the same flag names, an accelerate loop with
+mixed precision, gradient accumulation, checkpointing and resume, prior preservation, validation images and
+``--push_to_hub``.  Tucker adapters go on the attention projections, the feed-forward layers, ``proj_in/out``,
+``time_emb_proj`` and the ResNet blocks' 3x3 convolutions and shortcuts (``channels`` mode: the 3x3 window stays
+dense in the core).  ``--method lora`` trains PEFT's LoRA on the same modules, for a same-script baseline.
+
+The geometric update is the one extra line, ``tucker_peft.attach(optimizer, model)``, before
+``accelerator.prepare``.  The adapter is saved in PEFT's format (``output_dir/unet``, ``output_dir/text_encoder``)
+and loads with ``tucker_peft.load_into_pipeline(pipe, output_dir)``.
+
+Offline: ``python examples/dreambooth/make_tiny_pipeline.py --output_dir outputs/tiny-sd`` builds a tiny pipeline,
+then::
+
+    python examples/dreambooth/train_dreambooth_tucker.py --pretrained_model_name_or_path outputs/tiny-sd \\
+        --instance_data_dir ../shared/data/dreambooth/dog --instance_prompt "a photo of sks dog" \\
+        --resolution 32 --train_batch_size 2 --max_train_steps 20 --learning_rate 1e-3 \\
+        --validation_prompt "a photo of sks dog in a bucket" --output_dir outputs/dreambooth-tucker
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from PIL import Image, ImageOps
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+import tucker_peft
+from tucker_peft.adapters_io import save_adapter
+
+logger = logging.getLogger("train_dreambooth_tucker")
+
+UNET_TARGETS = [
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+    "time_emb_proj", "conv1", "conv2", "conv_shortcut",
+]  # fmt: skip
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pretrained_model_name_or_path", required=True)
+    p.add_argument("--revision", default=None)
+    p.add_argument("--instance_data_dir", required=True)
+    p.add_argument("--instance_prompt", required=True)
+    p.add_argument("--class_data_dir", default=None)
+    p.add_argument("--class_prompt", default=None)
+    p.add_argument("--with_prior_preservation", action="store_true")
+    p.add_argument("--prior_loss_weight", type=float, default=1.0)
+    p.add_argument("--num_class_images", type=int, default=100)
+    p.add_argument("--train_text_encoder", action="store_true")
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--center_crop", action="store_true")
+    p.add_argument("--train_batch_size", type=int, default=4)
+    p.add_argument("--sample_batch_size", type=int, default=4)
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--max_train_steps", type=int, default=500)
+    p.add_argument("--learning_rate", type=float, default=1e-4)
+    p.add_argument("--lr_scheduler", default="constant")
+    p.add_argument("--lr_warmup_steps", type=int, default=0)
+    p.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
+    p.add_argument("--checkpointing_steps", type=int, default=500)
+    p.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint folder, or "latest"')
+    p.add_argument("--validation_prompt", default=None)
+    p.add_argument("--num_validation_images", type=int, default=4)
+    p.add_argument("--validation_steps", type=int, default=None, help="also validate every N steps")
+    p.add_argument("--num_inference_steps", type=int, default=25)
+    p.add_argument("--output_dir", default="dreambooth-tucker")
+    p.add_argument("--push_to_hub", action="store_true")
+    p.add_argument("--hub_model_id", default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--report_to", default="tensorboard")
+    p.add_argument("--dataloader_num_workers", type=int, default=0)
+    # adapters
+    p.add_argument("--method", choices=["tucker", "lora"], default="tucker")
+    p.add_argument("--rank", type=int, default=8, help="initial rank (tucker) or rank (lora)")
+    p.add_argument("--max_rank", type=int, default=32)
+    p.add_argument("--tau", type=float, default=0.1)
+    p.add_argument("--alpha", type=float, default=None, help="scale numerator; default: the rank")
+    p.add_argument("--conv_mode", choices=["channels", "full"], default="channels")
+    args = p.parse_args(argv)
+    if args.with_prior_preservation and (args.class_data_dir is None or args.class_prompt is None):
+        p.error("--with_prior_preservation needs --class_data_dir and --class_prompt")
+    if args.alpha is None:
+        args.alpha = float(args.rank)
+    return args
+
+
+class DreamBoothDataset(Dataset):
+    """Instance (and class) images with their prompts' token ids, resized and cropped to ``size``, in [-1, 1]."""
+
+    def __init__(
+        self, instance_dir, instance_prompt, tokenizer, size, center_crop=False, class_dir=None, class_prompt=None
+    ):
+        def images(folder):
+            paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+            if not paths:
+                raise ValueError(f"{folder} holds no .jpg/.jpeg/.png images")
+            return paths
+
+        self.instance = images(instance_dir)
+        self.klass = images(class_dir) if class_dir else []
+        self.size, self.center_crop = size, center_crop
+        self._cache: dict = {}
+        tokens = lambda text: tokenizer(  # noqa: E731
+            text, padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
+        ).input_ids[0]
+        self.instance_ids = tokens(instance_prompt)
+        self.class_ids = tokens(class_prompt) if class_prompt else None
+
+    def __len__(self):
+        return max(len(self.instance), len(self.klass))
+
+    def _resized(self, path):
+        """The photo scaled so that its short side is ``size`` (decoded once: camera JPEGs are large)."""
+        if path not in self._cache:
+            image = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+            scale = self.size / min(image.size)
+            width, height = max(self.size, round(image.width * scale)), max(self.size, round(image.height * scale))
+            self._cache[path] = image.resize((width, height), Image.BILINEAR)
+        return self._cache[path]
+
+    def _image(self, path):
+        image = self._resized(path)
+        spare_x, spare_y = image.width - self.size, image.height - self.size
+        left = spare_x // 2 if self.center_crop else np.random.randint(0, spare_x + 1)
+        top = spare_y // 2 if self.center_crop else np.random.randint(0, spare_y + 1)
+        image = image.crop((left, top, left + self.size, top + self.size))
+        array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
+        return array.permute(2, 0, 1)
+
+    def __getitem__(self, i):
+        item = {"pixel_values": self._image(self.instance[i % len(self.instance)]), "input_ids": self.instance_ids}
+        if self.klass:
+            item["class_pixel_values"] = self._image(self.klass[i % len(self.klass)])
+            item["class_input_ids"] = self.class_ids
+        return item
+
+
+def collate(items, with_prior):
+    pixels = [it["pixel_values"] for it in items]
+    ids = [it["input_ids"] for it in items]
+    if with_prior:  # instance and class examples in one batch, as diffusers does
+        pixels += [it["class_pixel_values"] for it in items]
+        ids += [it["class_input_ids"] for it in items]
+    return {"pixel_values": torch.stack(pixels), "input_ids": torch.stack(ids)}
+
+
+def adapter_config(args, targets):
+    if args.method == "tucker":
+        return tucker_peft.TuckerLoraConfig(
+            r=args.rank, max_rank=max(args.max_rank, args.rank), tau=args.tau, alpha=args.alpha,
+            conv_mode=args.conv_mode, target_modules=targets,
+        )  # fmt: skip
+    from peft import LoraConfig
+
+    return LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=targets, init_lora_weights="gaussian")
+
+
+def generate_class_images(args, accelerator):
+    """Fill ``--class_data_dir`` up to ``--num_class_images`` with images of ``--class_prompt`` (prior preservation)."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = Path(args.class_data_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    have = len([p for p in folder.iterdir() if p.suffix in (".jpg", ".png")])
+    if have >= args.num_class_images:
+        return
+    pipe = StableDiffusionPipeline.from_pretrained(
+        args.pretrained_model_name_or_path, revision=args.revision, safety_checker=None
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(accelerator.device)
+    for start in range(have, args.num_class_images, args.sample_batch_size):
+        n = min(args.sample_batch_size, args.num_class_images - start)
+        images = pipe(
+            [args.class_prompt] * n,
+            height=args.resolution,
+            width=args.resolution,
+            num_inference_steps=args.num_inference_steps,
+        ).images
+        for j, image in enumerate(images):
+            image.save(folder / f"class-{start + j:05d}.png")
+    del pipe
+
+
+def log_validation(args, accelerator, unet, text_encoder, step):
+    """Generate ``--num_validation_images`` for ``--validation_prompt`` with the current adapters; save a PNG grid."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        args.pretrained_model_name_or_path, unet=accelerator.unwrap_model(unet),
+        text_encoder=accelerator.unwrap_model(text_encoder), revision=args.revision, safety_checker=None,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator(device="cpu").manual_seed(args.seed or 0)
+    images = [
+        pipe(args.validation_prompt, height=args.resolution, width=args.resolution, num_inference_steps=args.num_inference_steps, generator=generator).images[0]
+        for _ in range(args.num_validation_images)
+    ]  # fmt: skip
+    cols = min(4, len(images))
+    rows = math.ceil(len(images) / cols)
+    grid = Image.new("RGB", (cols * images[0].width, rows * images[0].height))
+    for k, image in enumerate(images):
+        grid.paste(image, ((k % cols) * image.width, (k // cols) * image.height))
+    path = os.path.join(args.output_dir, f"validation-{step:06d}.png")
+    grid.save(path)
+    return path
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")
+        ),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if args.seed is not None:
+        set_seed(args.seed)
+    if args.with_prior_preservation:
+        generate_class_images(args, accelerator)
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    path = args.pretrained_model_name_or_path
+    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=args.revision)
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=args.revision)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=args.revision)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=args.revision)
+    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+    for module in (vae, text_encoder, unet):
+        module.requires_grad_(False)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    vae.to(accelerator.device, dtype=weight_dtype)
+
+    unet.add_adapter(adapter_config(args, UNET_TARGETS))
+    if args.train_text_encoder:
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(adapter_config(args, TEXT_TARGETS), text_encoder)
+        text_encoder.peft_config = getattr(text_encoder, "peft_config", None) or {}
+    else:
+        text_encoder.to(accelerator.device, dtype=weight_dtype)
+    models = [unet] + ([text_encoder] if args.train_text_encoder else [])
+    params = [p for m in models for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+    tucker = None
+    if args.method == "tucker":  # the one extra line: the geometric, rank-adaptive update of the Tucker factors
+        adapted = models[0] if len(models) == 1 else nn.ModuleList(models)  # layer names "0.…" (unet), "1.…"
+        tucker = tucker_peft.attach(optimizer, adapted, tau=args.tau, max_rank=max(args.max_rank, args.rank))
+
+    # checkpoints hold the adapters in PEFT format (at their current ranks), not whole models
+    def save_hook(saved_models, weights, output_dir):
+        for model in saved_models:
+            name = "unet" if isinstance(accelerator.unwrap_model(model), UNet2DConditionModel) else "text_encoder"
+            save_adapter(accelerator.unwrap_model(model), os.path.join(output_dir, name))
+        weights.clear()
+
+    def load_hook(loaded_models, input_dir):
+        while loaded_models:
+            model = accelerator.unwrap_model(loaded_models.pop())
+            name = "unet" if isinstance(model, UNet2DConditionModel) else "text_encoder"
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            state = load_file(os.path.join(input_dir, name, "adapter_model.safetensors"))
+            set_peft_model_state_dict(model, state)  # a fresh adapter takes the checkpoint's ranks
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+    dataset = DreamBoothDataset(
+        args.instance_data_dir, args.instance_prompt, tokenizer, args.resolution, args.center_crop,
+        args.class_data_dir if args.with_prior_preservation else None, args.class_prompt if args.with_prior_preservation else None,
+    )  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.train_batch_size, shuffle=True, num_workers=args.dataloader_num_workers,
+        collate_fn=lambda items: collate(items, args.with_prior_preservation),
+    )  # fmt: skip
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )  # fmt: skip
+    prepared = accelerator.prepare(*models, optimizer, loader, lr_scheduler)
+    models, (optimizer, loader, lr_scheduler) = list(prepared[: len(models)]), prepared[len(models) :]
+    unet = models[0]
+    if args.train_text_encoder:
+        text_encoder = models[1]
+    if accelerator.is_main_process and accelerator.log_with:
+        accelerator.init_trackers(
+            "dreambooth-tucker", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        )
+
+    global_step = 0
+    if args.resume_from_checkpoint:
+        folder = args.resume_from_checkpoint
+        if folder == "latest":
+            found = sorted(
+                (d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")),
+                key=lambda d: int(d.split("-")[1]),
+            )
+            folder = os.path.join(args.output_dir, found[-1]) if found else None
+        if folder:
+            accelerator.load_state(folder)
+            global_step = int(os.path.basename(folder.rstrip("/")).split("-")[1])
+
+    progress = tqdm(
+        range(global_step, args.max_train_steps), disable=not accelerator.is_local_main_process, desc="Steps"
+    )
+    loss_history, rank_history = [], []
+    while global_step < args.max_train_steps:
+        for batch in loader:
+            with accelerator.accumulate(*models):
+                pixels = batch["pixel_values"].to(dtype=weight_dtype)
+                latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+                noise = torch.randn_like(latents)
+                timesteps = torch.randint(
+                    0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
+                )
+                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                hidden = text_encoder(batch["input_ids"])[0]
+                prediction = unet(noisy, timesteps, hidden).sample
+                target = (
+                    noise
+                    if noise_scheduler.config.prediction_type == "epsilon"
+                    else noise_scheduler.get_velocity(latents, noise, timesteps)
+                )
+                if args.with_prior_preservation:
+                    prediction, prior_prediction = prediction.chunk(2)
+                    target, prior_target = target.chunk(2)
+                    loss = F.mse_loss(prediction.float(), target.float()) + args.prior_loss_weight * F.mse_loss(
+                        prior_prediction.float(), prior_target.float()
+                    )
+                else:
+                    loss = F.mse_loss(prediction.float(), target.float())
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            progress.update(1)
+            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
+            if tucker is not None:
+                logs.update(tucker_peft.integration.rank_summary(tucker))
+                rank_history.append({"step": global_step, **tucker_peft.integration.rank_summary(tucker)})
+            loss_history.append(logs["loss"])
+            progress.set_postfix(**{k: round(v, 4) for k, v in logs.items()})
+            accelerator.log(logs, step=global_step)
+            if accelerator.is_main_process and global_step % args.checkpointing_steps == 0:
+                accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{global_step}"))
+            if args.validation_prompt and args.validation_steps and global_step % args.validation_steps == 0:
+                log_validation(args, accelerator, unet, text_encoder, global_step)
+            if global_step >= args.max_train_steps:
+                break
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_adapter(accelerator.unwrap_model(unet), os.path.join(args.output_dir, "unet"))
+        if args.train_text_encoder:
+            save_adapter(accelerator.unwrap_model(text_encoder), os.path.join(args.output_dir, "text_encoder"))
+        if tucker is not None:
+            tucker_peft.integration.save_rank_report(rank_history, tucker.ranks(), args.output_dir)
+        with open(os.path.join(args.output_dir, "loss_history.txt"), "w") as f:
+            f.write("\n".join(f"{x:.6f}" for x in loss_history) + "\n")
+        if args.validation_prompt:
+            log_validation(args, accelerator, unet, text_encoder, global_step)
+        if args.push_to_hub:
+            from huggingface_hub import create_repo, upload_folder
+
+            repo_id = create_repo(args.hub_model_id or Path(args.output_dir).name, exist_ok=True).repo_id
+            upload_folder(repo_id=repo_id, folder_path=args.output_dir, ignore_patterns=["checkpoint-*", "logs/*"])
+    accelerator.end_training()
+    return {
+        "steps": global_step,
+        "loss_history": loss_history,
+        "ranks": tucker.ranks() if tucker else None,
+        "unet": accelerator.unwrap_model(unet),
+        "text_encoder": accelerator.unwrap_model(text_encoder),
+    }
+
+
+if __name__ == "__main__":
+    main()

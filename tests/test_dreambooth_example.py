@@ -1,0 +1,89 @@
+"""examples/dreambooth: tiny offline pipeline, a few DreamBooth steps on the real dog photos, loading, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import tucker_peft
+
+HERE = os.path.dirname(__file__)
+sys.path.insert(0, os.path.join(HERE, "..", "examples", "dreambooth"))
+import make_tiny_pipeline  # noqa: E402
+import train_dreambooth_tucker  # noqa: E402
+
+DOG = os.path.join(HERE, "..", "..", "shared", "data", "dreambooth", "dog")
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory):
+    if not os.path.isdir(DOG):  # the real photos are part of the shared data; CI has them
+        pytest.fail(f"missing {DOG}: the DreamBooth test needs shared/data/dreambooth/dog")
+    path = tmp_path_factory.mktemp("tiny-sd")
+    make_tiny_pipeline.build_tiny_pipeline(seed=0, sample_size=32).save_pretrained(path)
+    return str(path)
+
+
+def _train(pipeline, out, method="tucker", steps=4, extra=""):
+    args = (
+        f"--pretrained_model_name_or_path {pipeline} --instance_data_dir {DOG} --instance_prompt a_photo_of_sks_dog "
+        f"--resolution 32 --train_batch_size 2 --max_train_steps {steps} --learning_rate 1e-2 --method {method} "
+        f"--rank 4 --validation_prompt a_sks_dog --num_validation_images 2 --num_inference_steps 2 "
+        f"--output_dir {out} --report_to none --checkpointing_steps 2 --seed 0 {extra}"
+    )
+    return train_dreambooth_tucker.main(args.split())
+
+
+def _generate(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    return pipe("a sks dog", height=32, width=32, num_inference_steps=2, generator=generator, output_type="np").images
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["tucker", "lora"])
+def test_dreambooth_trains_saves_and_reloads(tiny_pipeline, tmp_path, method):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / method
+    result = _train(tiny_pipeline, out, method)
+    assert result["steps"] == 4 and all(np.isfinite(result["loss_history"]))
+    assert (out / "unet" / "adapter_model.safetensors").exists() and (out / "unet" / "adapter_config.json").exists()
+    assert (out / "validation-000004.png").exists()
+    if method == "lora":
+        return
+    assert (out / "tucker_ranks.json").exists() and (out / "tucker_ranks.png").exists()
+    ranks = json.loads((out / "unet" / "adapter_config.json").read_text())["module_ranks"]
+    assert any("resnets.0.conv1" in k for k in ranks)  # 3x3 convolutions are adapted
+    trained = StableDiffusionPipeline.from_pretrained(tiny_pipeline, unet=result["unet"], safety_checker=None)
+    expected = _generate(trained)
+    fresh = tucker_peft.load_into_pipeline(
+        StableDiffusionPipeline.from_pretrained(tiny_pipeline, safety_checker=None), str(out)
+    )
+    np.testing.assert_allclose(_generate(fresh), expected, atol=1e-6)
+    base = _generate(StableDiffusionPipeline.from_pretrained(tiny_pipeline, safety_checker=None))
+    assert np.abs(base - expected).max() > 1e-4  # the adapter changes the images
+    fused = tucker_peft.load_into_pipeline(
+        StableDiffusionPipeline.from_pretrained(tiny_pipeline, safety_checker=None), str(out), fuse=True
+    )
+    np.testing.assert_allclose(_generate(fused), expected, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_dreambooth_resume_continues_with_the_checkpoint_ranks(tiny_pipeline, tmp_path):
+    out = tmp_path / "run"
+    _train(tiny_pipeline, out, steps=4)
+    checkpoint = out / "checkpoint-2"
+    saved = json.loads((checkpoint / "unet" / "adapter_config.json").read_text())["module_ranks"]
+    # resuming at step 2 with nothing left to do keeps exactly the checkpoint's adapter
+    resumed = _train(tiny_pipeline, tmp_path / "resumed", steps=2, extra=f"--resume_from_checkpoint {checkpoint}")
+    assert resumed["steps"] == 2
+    assert {k: list(v) for k, v in resumed["ranks"].items()} == saved
+    # and training on from it works (the update's state was restored with the matching shapes)
+    more = _train(tiny_pipeline, tmp_path / "more", steps=4, extra=f"--resume_from_checkpoint {checkpoint}")
+    assert more["steps"] == 4 and all(np.isfinite(more["loss_history"]))

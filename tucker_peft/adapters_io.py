@@ -1,0 +1,67 @@
+"""Save and load a Tucker adapter of a plain module (a diffusers UNet, a text encoder) in PEFT's format.
+
+``PeftModel`` has ``save_pretrained``/``from_pretrained``; a diffusers ``UNet2DConditionModel`` adapted with
+``unet.add_adapter(TuckerLoraConfig(...))`` has no such pair for non-LoRA methods, so these helpers write and read
+the same two files PEFT does (``adapter_config.json`` with the per-module ranks, ``adapter_model.safetensors`` at the
+active ranks) and :func:`load_into_pipeline` puts a saved adapter into a pipeline's UNet (and text encoder).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from peft import PeftConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import TuckerLoraConfig
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def save_adapter(model: nn.Module, save_directory: str, adapter_name: str = "default") -> None:
+    """Write ``model``'s adapter ``adapter_name`` (config with ``module_ranks`` + safetensors) to ``save_directory``."""
+    os.makedirs(save_directory, exist_ok=True)
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name)  # also records the current ranks
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, os.path.join(save_directory, WEIGHTS_NAME))
+    model.peft_config[adapter_name].save_pretrained(save_directory)
+
+
+def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default") -> nn.Module:
+    """Add the adapter saved in ``directory`` to ``model`` (shapes rebuilt from its rank record) and load it."""
+    config = PeftConfig.from_pretrained(directory)
+    if not isinstance(config, TuckerLoraConfig):
+        raise ValueError(f"{directory} holds a {type(config).__name__}, not a tucker-peft adapter.")
+    if hasattr(model, "add_adapter") and hasattr(model, "set_adapters"):  # diffusers models
+        model.add_adapter(config, adapter_name=adapter_name)
+    else:
+        inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    state = load_file(os.path.join(directory, WEIGHTS_NAME))
+    result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"{directory}: tensors that match no adapter parameter: {result.unexpected_keys[:5]}")
+    return model
+
+
+def load_into_pipeline(pipeline, directory: str, adapter_name: str = "default", fuse: bool = False):
+    """Load an adapter saved by the DreamBooth example (``directory/unet``, optionally ``directory/text_encoder``)
+    into a diffusers pipeline; ``fuse=True`` merges it into the weights (no inference overhead)."""
+    loaded = []
+    for part in ("unet", "text_encoder"):
+        folder = os.path.join(directory, part)
+        if os.path.isfile(os.path.join(folder, CONFIG_NAME)):
+            load_adapter(getattr(pipeline, part), folder, adapter_name)
+            loaded.append(part)
+    if not loaded:
+        raise FileNotFoundError(f"no tucker-peft adapter under {directory}/unet or {directory}/text_encoder")
+    if fuse:
+        from .layer import TuckerLayer
+
+        with torch.no_grad():
+            for part in loaded:
+                for module in getattr(pipeline, part).modules():
+                    if isinstance(module, TuckerLayer):
+                        module.merge(adapter_names=[adapter_name])
+    return pipeline
