@@ -38,6 +38,7 @@ def _layer_cases():
         "conv2d_stride_dil": (nn.Conv2d(6, 8, (3, 2), stride=(2, 1), padding=(2, 1), dilation=(2, 1)), (2, 6, 9, 8)),
         "conv2d_same_reflect": (nn.Conv2d(5, 7, 3, padding="same", padding_mode="reflect"), (2, 5, 6, 6)),
         "conv3d": (nn.Conv3d(4, 6, 3, padding=1, stride=(1, 2, 1)), (2, 4, 5, 6, 5)),
+        "conv2d_1x1": (nn.Conv2d(6, 8, 1, stride=2), (2, 6, 7, 7)),  # the folded form
     }
 
 

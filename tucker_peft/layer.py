@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .tensor_ops import multi_mode_dot, orthonormal, tucker_to_tensor, valid_tucker_ranks
+from .tensor_ops import mode_dot, multi_mode_dot, orthonormal, tucker_to_tensor, valid_tucker_ranks
 
 MAX_MODES = 5  # Conv3d in "full" mode: out, in, k1, k2, k3
 
@@ -324,10 +324,16 @@ class Linear(nn.Module, TuckerLayer):
 
 
 class Conv(nn.Module, TuckerLayer):
-    """Tucker adapter on ``nn.Conv1d/2d/3d``: a conv with the kernel ``C x_1 U1`` (``r0 x n_in x k...``, with the
-    base layer's stride/padding/dilation), then a 1x1 conv with ``U0``; the structure and cost of LoRA's conv
-    adapter.  In ``full`` mode the window modes of the core are expanded by their factors too.  The kernel has
-    ``r0 n_in prod(k)`` entries, never the size of the dense delta."""
+    """Tucker adapter on ``nn.Conv1d/2d/3d``, computed in whichever of two exact forms costs fewer operations:
+
+    - factored: 1x1 conv with ``U1^T`` (n_in -> r1), the core's conv (r1 -> r0, the base layer's stride, padding
+      and dilation), 1x1 conv with ``U0`` (r0 -> n_out): per output pixel ``n_in r1 + r1 r0 K + r0 n_out``
+      multiply-adds (``K`` = window size); the cheap form for k x k windows;
+    - folded: one conv with the kernel ``C x_1 U1`` (r0 x n_in x window), then the 1x1 conv with ``U0``:
+      ``n_in r0 K + r0 n_out``, LoRA's conv structure; the cheap form for 1x1 convolutions.
+
+    In ``full`` mode the window modes of the core are first expanded by their factors (a tensor of the core's size
+    with the full window, never the dense delta)."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
         super().__init__()
@@ -341,11 +347,20 @@ class Conv(nn.Module, TuckerLayer):
 
     def _adapter_forward(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
         factors = self.factors(adapter)
-        u_out = factors[0]
-        # kernel C x_1 U_in (x_j U_j on the window modes in "full" mode): r0 x n_in x k..., LoRA's conv A shape
-        kernel = multi_mode_dot(self.core(adapter), factors[1:], range(1, len(factors)))
-        h = self.get_base_layer()._conv_forward(x, kernel, None)
-        return self._conv(h, u_out.reshape(*u_out.shape, *(1,) * len(self.kernel_size)))
+        u_out, u_in = factors[0], factors[1]
+        kernel = self.core(adapter)
+        if len(factors) > 2:  # "full" mode: expand the window modes
+            kernel = multi_mode_dot(kernel, factors[2:], range(2, len(factors)))
+        ones = (1,) * len(self.kernel_size)
+        window = math.prod(self.kernel_size)
+        r_out, r_in = u_out.shape[1], u_in.shape[1]
+        factored = self.in_features * r_in + r_in * r_out * window
+        if factored < self.in_features * r_out * window:
+            h = self._conv(x, u_in.T.reshape(r_in, self.in_features, *ones))
+            h = self.get_base_layer()._conv_forward(h, kernel, None)
+        else:
+            h = self.get_base_layer()._conv_forward(x, mode_dot(kernel, u_in, 1), None)
+        return self._conv(h, u_out.reshape(*u_out.shape, *ones))
 
 
 def dispatch(target: nn.Module, adapter_name: str, **kwargs: Any) -> nn.Module:
