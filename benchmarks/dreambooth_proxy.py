@@ -36,7 +36,6 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(HERE, "results", "dreambooth_proxy.json"))
     args = parser.parse_args()
     import make_tiny_pipeline
-    import torch
     import train_dreambooth_tucker
 
     import tucker_peft
