@@ -39,6 +39,7 @@ def _layer_cases():
         "conv2d_same_reflect": (nn.Conv2d(5, 7, 3, padding="same", padding_mode="reflect"), (2, 5, 6, 6)),
         "conv3d": (nn.Conv3d(4, 6, 3, padding=1, stride=(1, 2, 1)), (2, 4, 5, 6, 5)),
         "conv2d_1x1": (nn.Conv2d(6, 8, 1, stride=2), (2, 6, 7, 7)),  # the folded form
+        "unet_conv": (nn.Conv2d(320, 320, 3, padding=1), (1, 320, 8, 8)),  # an SD-1.5 ResNet conv
     }
 
 

@@ -15,8 +15,6 @@ from peft import PeftConfig, get_peft_model_state_dict, inject_adapter_in_model,
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import TuckerLoraConfig
-
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -30,10 +28,11 @@ def save_adapter(model: nn.Module, save_directory: str, adapter_name: str = "def
 
 
 def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default") -> nn.Module:
-    """Add the adapter saved in ``directory`` to ``model`` (shapes rebuilt from its rank record) and load it."""
-    config = PeftConfig.from_pretrained(directory)
-    if not isinstance(config, TuckerLoraConfig):
-        raise ValueError(f"{directory} holds a {type(config).__name__}, not a tucker-peft adapter.")
+    """Add the adapter saved in ``directory`` to ``model`` (Tucker shapes rebuilt from the rank record) and load it.
+
+    Works for any PEFT method whose config ``directory`` holds (the DreamBooth example saves its LoRA baseline the
+    same way)."""
+    config = PeftConfig.from_pretrained(directory)  # a TuckerLoraConfig, or another PEFT method's (e.g. LoRA)
     if hasattr(model, "add_adapter") and hasattr(model, "set_adapters"):  # diffusers models
         model.add_adapter(config, adapter_name=adapter_name)
     else:
