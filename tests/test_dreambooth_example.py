@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import tucker_peft
+from tucker_peft.layer import TuckerLayer
 
 HERE = os.path.dirname(__file__)
 sys.path.insert(0, os.path.join(HERE, "..", "examples", "dreambooth"))
@@ -88,3 +89,34 @@ def test_dreambooth_resume_continues_with_the_checkpoint_ranks(tiny_pipeline, tm
     # and training on from it works (the update's state was restored with the matching shapes)
     more = _train(tiny_pipeline, tmp_path / "more", steps=4, extra=f"--resume_from_checkpoint {checkpoint}")
     assert more["steps"] == 4 and all(np.isfinite(more["loss_history"]))
+
+
+@pytest.mark.slow
+def test_dreambooth_bf16_with_text_encoder(tiny_pipeline, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "bf16-te"
+    result = _train(tiny_pipeline, out, steps=4, extra="--mixed_precision bf16 --train_text_encoder")
+    assert result["steps"] == 4 and all(np.isfinite(result["loss_history"]))
+    assert (out / "text_encoder" / "adapter_model.safetensors").exists()
+    assert (out / "validation-000004.png").exists()
+    # the update adapts the text encoder's layers too (one attach over both models: names "0.…" unet, "1.…" text)
+    assert any(k.startswith("1.") for k in result["ranks"]) and any(k.startswith("0.") for k in result["ranks"])
+    text_ranks = json.loads((out / "text_encoder" / "adapter_config.json").read_text())["module_ranks"]
+    assert any("self_attn.q_proj" in k for k in text_ranks)
+    # the factors stay fp32 under bf16 autocast
+    factors = [p for n, p in result["text_encoder"].named_parameters() if "tucker_" in n]
+    assert factors and all(p.dtype == torch.float32 for p in factors)
+
+    trained = StableDiffusionPipeline.from_pretrained(
+        tiny_pipeline, unet=result["unet"], text_encoder=result["text_encoder"], safety_checker=None
+    )
+    expected = _generate(trained)
+    fresh = tucker_peft.load_into_pipeline(
+        StableDiffusionPipeline.from_pretrained(tiny_pipeline, safety_checker=None), str(out)
+    )
+    assert any(isinstance(m, TuckerLayer) for m in fresh.text_encoder.modules())
+    np.testing.assert_allclose(_generate(fresh), expected, atol=1e-6)
+    # the text encoder's adapter matters: without it the images differ
+    unet_only = StableDiffusionPipeline.from_pretrained(tiny_pipeline, unet=result["unet"], safety_checker=None)
+    assert np.abs(_generate(unet_only) - expected).max() > 1e-5

@@ -55,17 +55,29 @@ METHODS = {
 }
 
 
-def run_one(task: str, method: str, seed: int, samples, epochs: int, seq: int, model_path: str, out_root: str) -> dict:
+def run_one(
+    task: str,
+    method: str,
+    seed: int,
+    samples,
+    epochs: int,
+    seq: int,
+    model_path: str,
+    out_root: str,
+    method_args: str | None = None,
+    tag: str = "",
+) -> dict:
+    """One ``run_glue.py`` run; ``method_args`` replaces ``METHODS[method]`` (the tuning sweep uses it)."""
     import run_glue
 
     train, dev = (os.path.join(DATA, f) for f in FILES[task])
     for path in (train, dev):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} is missing: the benchmark needs the shared GLUE data (TUCKER_GLUE_DATA).")
-    out = os.path.join(out_root, f"{task}-{method}-{seed}")
+    out = os.path.join(out_root, f"{task}-{method}{tag}-{seed}")
     args = (
         f"--model_name_or_path {model_path} --task_name {task} --train_file {train} --validation_file {dev} "
-        f"{METHODS[method]} --output_dir {out} --num_train_epochs {epochs} --max_seq_length {seq} "
+        f"{method_args or METHODS[method]} --output_dir {out} --num_train_epochs {epochs} --max_seq_length {seq} "
         "--per_device_train_batch_size 32 --per_device_eval_batch_size 128 --lr_scheduler_type linear "
         f"--warmup_steps 10 --seed {seed} --data_seed {seed} --save_strategy no --report_to none --use_cpu "
         "--disable_tqdm true --logging_steps 50"

@@ -400,8 +400,9 @@ def main(argv=None):
         "steps": global_step,
         "loss_history": loss_history,
         "ranks": tucker.ranks() if tucker else None,
-        "unet": accelerator.unwrap_model(unet),
-        "text_encoder": accelerator.unwrap_model(text_encoder),
+        # without accelerate's mixed-precision forward wrapper: the plain modules, as a fresh load gives them
+        "unet": accelerator.unwrap_model(unet, keep_fp32_wrapper=False),
+        "text_encoder": accelerator.unwrap_model(text_encoder, keep_fp32_wrapper=False),
     }
 
 

