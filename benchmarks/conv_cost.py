@@ -3,8 +3,10 @@
 Stable Diffusion 1.5's ResNet 3x3 convolutions: 320 channels at 64 x 64 latents, 640 at 32 x 32, 1280 at 16 x 16;
 batch 2, CPU.  LoRA has rank 8 (A: r x C x 3 x 3, B: C x r); the Tucker adapter (channels mode, U_out, U_in and an
 r x r x 3 x 3 core) gets the rank whose parameter count is closest to LoRA's.  Forward + backward of the adapted
-layer (base weight frozen), the two methods interleaved, medians; memory: the bytes autograd saves for the
-backward pass (activations kept by the layer), counted with ``saved_tensors_hooks``.
+layer (base weight frozen), the two methods interleaved, medians, once with an input that needs no gradient (the
+first layer of a network) and once with one that does (a layer inside it: the backward also computes the input's
+gradient, through the base conv too); memory: the bytes autograd saves for the backward pass (activations kept by
+the layer), counted with ``saved_tensors_hooks``.
 
     python benchmarks/conv_cost.py [--repeats 15] [--out benchmarks/results/conv_cost.json]
 """
@@ -72,23 +74,25 @@ def main() -> None:
             tucker_peft.TuckerLoraConfig(target_modules=["conv"], r=r, max_rank=max(32, r), init_weights=False),
         )
         n_tucker = tucker_peft.adapter_parameter_count(tucker)
-        x = torch.randn(2, channels, size, size)
-        times = {"lora": [], "tucker": []}
-        for i in range(args.repeats + 2):
-            for name, model in (("lora", lora), ("tucker", tucker)) if i % 2 else (("tucker", tucker), ("lora", lora)):
-                model.zero_grad(set_to_none=True)
-                t0 = time.perf_counter()
-                model(x).sum().backward()
-                if i >= 2:
-                    times[name].append(time.perf_counter() - t0)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        mem = {"lora": saved_bytes(lora, x), "tucker": saved_bytes(tucker, x)}
-        rows.append({
-            "channels": channels, "latent": size, "lora_rank": args.lora_rank, "tucker_rank": r,
-            "lora_params": n_lora, "tucker_params": n_tucker,
-            "median_seconds": med, "time_ratio": med["tucker"] / med["lora"],
-            "saved_bytes": mem, "memory_ratio": mem["tucker"] / mem["lora"],
-        })  # fmt: skip
+        for input_grad in (False, True):  # a first layer vs a layer inside the network (grad w.r.t. its input)
+            x = torch.randn(2, channels, size, size, requires_grad=input_grad)
+            times = {"lora": [], "tucker": []}
+            for i in range(args.repeats + 2):
+                order = (("lora", lora), ("tucker", tucker)) if i % 2 else (("tucker", tucker), ("lora", lora))
+                for name, model in order:
+                    model.zero_grad(set_to_none=True)
+                    t0 = time.perf_counter()
+                    model(x).sum().backward()
+                    if i >= 2:
+                        times[name].append(time.perf_counter() - t0)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            mem = {"lora": saved_bytes(lora, x), "tucker": saved_bytes(tucker, x)}
+            rows.append({
+                "channels": channels, "latent": size, "input_requires_grad": input_grad, "lora_rank": args.lora_rank,
+                "tucker_rank": r, "lora_params": n_lora, "tucker_params": n_tucker,
+                "median_seconds": med, "time_ratio": med["tucker"] / med["lora"],
+                "saved_bytes": mem, "memory_ratio": mem["tucker"] / mem["lora"],
+            })  # fmt: skip
     result = {
         "command": f"python benchmarks/conv_cost.py --repeats {args.repeats}",
         "date": date.today().isoformat(),
@@ -99,12 +103,12 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(
-        "| channels x latent | LoRA r / params | Tucker r / params | fwd+bwd LoRA | Tucker | ratio | saved activations ratio |"
+        "| channels x latent | input grad | LoRA r / params | Tucker r / params | fwd+bwd LoRA | Tucker | ratio | saved activations ratio |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(
-            f"| {row['channels']} x {row['latent']}^2 | {row['lora_rank']} / {row['lora_params']:,} | "
+            f"| {row['channels']} x {row['latent']}^2 | {'yes' if row['input_requires_grad'] else 'no'} | {row['lora_rank']} / {row['lora_params']:,} | "
             f"{row['tucker_rank']} / {row['tucker_params']:,} | {1000 * row['median_seconds']['lora']:.1f} ms | "
             f"{1000 * row['median_seconds']['tucker']:.1f} ms | {row['time_ratio']:.3f} | {row['memory_ratio']:.3f} |"
         )

@@ -116,6 +116,17 @@ def test_forward_equals_dense_reconstruction(case, conv_mode):
     )
 
 
+@pytest.mark.parametrize("case", ["conv2d", "conv2d_1x1", "conv3d"])
+def test_conv_channels_last_and_unbatched_inputs_match_contiguous(case):
+    """The 1x1 steps run as GEMMs on contiguous batched inputs and as convolutions otherwise: same numbers."""
+    _, model, x = _adapted(case, init_weights=False)
+    randomize_adapter(model, seed=1)
+    expected = model(x)
+    fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    torch.testing.assert_close(model(x.to(memory_format=fmt)), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(x[0]), expected[0], atol=1e-5, rtol=1e-5)
+
+
 def test_conv_mode_shapes():
     _, model, _ = _adapted("conv2d", conv_mode="channels", r=3)
     t = model.base_model.model.layer

