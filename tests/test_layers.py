@@ -127,6 +127,22 @@ def test_conv_channels_last_and_unbatched_inputs_match_contiguous(case):
     torch.testing.assert_close(model(x[0]), expected[0], atol=1e-5, rtol=1e-5)
 
 
+def test_conv_adapter_keeps_no_copy_of_its_input_for_backward():
+    """Autograd keeps the input once (shared with the base conv), plus rank-sized activations: no input-sized copy."""
+    _, model, _ = _adapted("unet_conv", init_weights=False, r=8)
+    x = torch.randn(2, 320, 48, 48, requires_grad=True)  # larger than the base weight, which is kept too
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).sum().backward()
+    big = [n for n in storages.values() if n >= x.numel() * x.element_size()]
+    assert big == [x.numel() * x.element_size()] * len(big) and len(big) == 1, storages
+
+
 def test_conv_mode_shapes():
     _, model, _ = _adapted("conv2d", conv_mode="channels", r=3)
     t = model.base_model.model.layer

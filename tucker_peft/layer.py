@@ -367,10 +367,12 @@ def _pointwise(x: torch.Tensor, matrix: torch.Tensor, conv, spatial: int) -> tor
     """``matrix`` (m x c) applied to the channels of ``x`` (n, c, *spatial), a 1x1 convolution.
 
     For contiguous (channels-first) inputs this is one batched GEMM over the flattened pixels, which on CPU is
-    faster than oneDNN's 1x1 convolution for the skinny shapes of an adapter (benchmarks/conv_cost.py); other
-    memory formats (channels_last) and unbatched inputs take the convolution."""
+    faster than oneDNN's 1x1 convolution for the skinny shapes of an adapter (benchmarks/conv_cost.py).  ``bmm``
+    with the matrix expanded (a view), not ``matmul``: broadcasting a 2-D matrix against (n, c, pixels) makes
+    ``matmul`` fold the input into a transposed copy, which autograd then keeps (an extra input-sized tensor).
+    Other memory formats (channels_last) and unbatched inputs take the convolution."""
     if x.is_contiguous() and x.dim() == spatial + 2:
-        return torch.matmul(matrix, x.flatten(2)).unflatten(2, x.shape[2:])
+        return torch.bmm(matrix.expand(x.shape[0], *matrix.shape), x.flatten(2)).unflatten(2, x.shape[2:])
     return conv(x, matrix.reshape(*matrix.shape, *(1,) * spatial))
 
 
