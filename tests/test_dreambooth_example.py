@@ -21,6 +21,17 @@ import train_dreambooth_tucker  # noqa: E402
 DOG = os.path.join(HERE, "..", "..", "shared", "data", "dreambooth", "dog")
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """The script builds an ``Accelerator`` (a process-wide singleton): each test starts from a clean one, so that
+    its ``--mixed_precision`` is not refused because an earlier test (or Trainer test) set another."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory):
     if not os.path.isdir(DOG):  # the real photos are part of the shared data; CI has them
