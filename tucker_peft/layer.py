@@ -332,8 +332,9 @@ class Conv(nn.Module, TuckerLayer):
     - folded: one conv with the kernel ``C x_1 U1`` (r0 x n_in x window), then the 1x1 conv with ``U0``:
       ``n_in r0 K + r0 n_out``, LoRA's conv structure; the cheap form for 1x1 convolutions.
 
-    In ``full`` mode the window modes of the core are first expanded by their factors (a tensor of the core's size
-    with the full window, never the dense delta)."""
+    The 1x1 steps run as batched GEMMs over the pixels (:func:`_pointwise`).  In ``full`` mode the window modes of
+    the core are first expanded by their factors (a tensor of the core's size with the full window, never the dense
+    delta)."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
         super().__init__()

@@ -367,8 +367,9 @@ def main(argv=None):
             progress.update(1)
             logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
             if tucker is not None:
-                logs.update(tucker_peft.integration.rank_summary(tucker))
-                rank_history.append({"step": global_step, **tucker_peft.integration.rank_summary(tucker)})
+                summary = tucker_peft.integration.rank_summary(tucker)
+                logs.update(summary)
+                rank_history.append({"step": global_step, **summary})
             loss_history.append(logs["loss"])
             progress.set_postfix(**{k: round(v, 4) for k, v in logs.items()})
             accelerator.log(logs, step=global_step)
