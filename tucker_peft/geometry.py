@@ -167,6 +167,14 @@ def truncation_ranks(
     return valid_tucker_ranks(ranks, dense_sizes)
 
 
+def valid_working_ranks(
+    targets: Sequence[int], available: Sequence[int], dense_sizes: Sequence[int] = ()
+) -> list[int]:
+    """Ranks held between rank decisions: ``targets`` clipped to the ``available`` directions of each mode and
+    reduced to valid Tucker ranks."""
+    return valid_tucker_ranks([max(1, min(t, a)) for t, a in zip(targets, available)], dense_sizes)
+
+
 def batched_mode_dot(tensor: torch.Tensor, matrices: torch.Tensor, mode: int) -> torch.Tensor:
     """``T_b x_mode M_b`` for every member ``b`` of a batch: ``tensor`` ``(B, ...)``, ``matrices`` ``(B, m, n_mode)``."""
     moved = torch.movedim(tensor, mode + 1, -1)

@@ -50,6 +50,7 @@ PROFILES = {
 METHODS = {
     "tucker": "--method tucker --r 8 --tau 0.1 --alpha 8",
     "lora": "--method lora --r 8 --alpha 8",
+    "lora_r2": "--method lora --r 2 --alpha 2",  # LoRA at about tucker's final parameter budget
     "adalora": "--method adalora --r 8 --adalora_target_r 2 --alpha 8",
     "full": "--method full",
 }
@@ -58,6 +59,7 @@ METHODS = {
 LEARNING_RATES = {
     "tucker": {"sst2": 2e-3, "mrpc": 2e-3, "rte": 2e-3, "stsb": 5e-3},
     "lora": {"sst2": 2e-3, "mrpc": 2e-3, "rte": 2e-3, "stsb": 1e-3},
+    "lora_r2": {"sst2": 2e-3, "mrpc": 2e-3, "rte": 2e-3, "stsb": 1e-3},
     "adalora": {"sst2": 5e-3, "mrpc": 5e-3, "rte": 5e-3, "stsb": 5e-3},
     "full": {"sst2": 5e-5, "mrpc": 5e-5, "rte": 5e-5, "stsb": 5e-5},
 }

@@ -26,7 +26,7 @@ sys.path.insert(0, HERE)
 import run as bench  # noqa: E402
 
 GRID = ["1e-3", "5e-4", "5e-3", "2e-3"]
-BASE = {m: bench.METHODS[m] for m in ("tucker", "lora", "adalora")}  # without the learning rate
+BASE = {m: bench.METHODS[m] for m in ("tucker", "lora", "lora_r2", "adalora")}  # without the learning rate
 
 
 def _worker(task: str, method: str, lr: str, seed: int, model_path: str, out_root: str, threads: int) -> dict:
