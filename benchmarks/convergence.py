@@ -183,7 +183,7 @@ def plot(results: list[dict], methods: list[str], path: str) -> None:
                     curve = row[method]["curve"]
                     ax.semilogy(
                         [p["step"] for p in curve],
-                        [max(p["rel_error"], 1e-6) for p in curve],
+                        [max(p["rel_error"], 1e-9) for p in curve],
                         style,
                         color=colors[k % len(colors)],
                         label=f"{method} lr {row['lr']:g}",

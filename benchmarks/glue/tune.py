@@ -47,7 +47,7 @@ def _worker(task: str, method: str, lr: str, seed: int, model_path: str, out_roo
         f"{BASE[method]} --learning_rate {lr}",
         f"-lr{lr}",
     )
-    result.update(learning_rate=float(lr), seed=seed, wall_seconds=time.time() - t0)
+    result.update(method=method, learning_rate=float(lr), seed=seed, wall_seconds=time.time() - t0)
     return result
 
 
