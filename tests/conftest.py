@@ -8,6 +8,8 @@ import sys
 
 import pytest
 import torch
+from torch import nn
+from transformers import TrainingArguments
 
 import tucker_peft
 
@@ -111,3 +113,34 @@ def run_fresh_python(code: str, cwd) -> str:
     if proc.returncode != 0:
         pytest.fail(f"fresh process failed:\n{proc.stderr[-4000:]}")
     return proc.stdout
+
+
+class Regression(nn.Module):
+    """A frozen linear layer fitted to a planted target; returns the loss the Trainer expects."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.layer = base
+
+    def forward(self, x, y):
+        return {"loss": 0.5 * ((self.layer(x) - y) ** 2).sum(-1).mean()}
+
+
+def trainer_args(tmp_path, **kw) -> TrainingArguments:
+    """Small CPU ``TrainingArguments`` for the tests (constant lr 2e-2, 40 steps, no saving); ``kw`` overrides."""
+    defaults = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=16,
+        learning_rate=2e-2,
+        max_steps=40,
+        logging_steps=10,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        lr_scheduler_type="constant",
+    )
+    defaults.update(kw)
+    return TrainingArguments(**defaults)

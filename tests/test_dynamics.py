@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 import tucker_peft
 from tucker_peft import TuckerLoraCallback, TuckerLoraConfig, TuckerOptimizer
 
-from .conftest import tiny_bert
+from .conftest import Regression, tiny_bert, trainer_args
 from .test_layers import Net
 
 
@@ -133,15 +133,6 @@ def test_conv_channel_ranks_grow_back_with_headroom():
     assert train().ranks("default") == (1, 1)
 
 
-class _Regression(nn.Module):
-    def __init__(self, base):
-        super().__init__()
-        self.layer = base
-
-    def forward(self, x, y):
-        return {"loss": 0.5 * ((self.layer(x) - y) ** 2).sum(-1).mean()}
-
-
 def test_trainer_planted_rank_at_lora_learning_rate_with_warmup(tmp_path):
     """The issue's setting: lr 1e-3, warmup 10 + linear decay, 600 steps, batch 64, through the Trainer; tucker
     (r = 8, tau = 0.1) against LoRA r = 8 + AdamW in the same test."""
@@ -157,21 +148,15 @@ def test_trainer_planted_rank_at_lora_learning_rate_with_warmup(tmp_path):
             )
         else:
             config, callbacks = LoraConfig(target_modules=["layer"], r=8, lora_alpha=8), []
-        model = get_peft_model(_Regression(base), config)
-        args = TrainingArguments(
-            output_dir=str(tmp_path / method),
+        model = get_peft_model(Regression(base), config)
+        args = trainer_args(
+            tmp_path / method,
             per_device_train_batch_size=64,
             learning_rate=1e-3,
             lr_scheduler_type="linear",
             warmup_steps=10,
             max_steps=600,
             logging_steps=100,
-            save_strategy="no",
-            report_to="none",
-            use_cpu=True,
-            seed=0,
-            data_seed=0,
-            disable_tqdm=True,
         )
         Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks).train()
         return model.base_model.model.layer

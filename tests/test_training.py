@@ -11,11 +11,13 @@ import torch
 import torch.nn.functional as F
 from peft import get_peft_model
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 import tucker_peft
 from tucker_peft import TuckerLoraCallback, TuckerLoraConfig, TuckerOptimizer
 
+from .conftest import Regression
+from .conftest import trainer_args as _args
 from .ddp_worker import tiny_bert as _bert
 
 
@@ -32,25 +34,6 @@ def _token_task(n=96, seed=0):
             {"input_ids": ids, "attention_mask": torch.ones(12, dtype=torch.long), "labels": torch.tensor(label)}
         )
     return rows
-
-
-def _args(tmp_path, **kw):
-    defaults = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=16,
-        learning_rate=2e-2,
-        max_steps=40,
-        logging_steps=10,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
-        lr_scheduler_type="constant",
-    )
-    defaults.update(kw)
-    return TrainingArguments(**defaults)
 
 
 def test_trainer_with_only_the_callback(tmp_path):
@@ -83,17 +66,6 @@ def test_trainer_with_only_the_callback(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
-class _Regression(nn.Module):
-    """A frozen linear layer fitted to a planted target; returns the loss the Trainer expects."""
-
-    def __init__(self, base):
-        super().__init__()
-        self.layer = base
-
-    def forward(self, x, y):
-        return {"loss": 0.5 * ((self.layer(x) - y) ** 2).sum(-1).mean()}
-
-
 def test_planted_rank_through_the_trainer(tmp_path):
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
@@ -103,7 +75,7 @@ def test_planted_rank_through_the_trainer(tmp_path):
     target = base.weight.detach() + u @ torch.diag(torch.tensor([3.0, 2.0, 1.0])) @ v.T
     xs = torch.randn(64 * 150, 48, generator=g)
     data = [{"x": x, "y": F.linear(x, target, base.bias).detach()} for x in xs]
-    model = get_peft_model(_Regression(base), TuckerLoraConfig(target_modules=["layer"], r=8, alpha=8, tau=0.1))
+    model = get_peft_model(Regression(base), TuckerLoraConfig(target_modules=["layer"], r=8, alpha=8, tau=0.1))
     args = _args(tmp_path, per_device_train_batch_size=64, learning_rate=0.5, max_steps=150, logging_steps=50)
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[TuckerLoraCallback(direction="sgd")])
     trainer.train()
