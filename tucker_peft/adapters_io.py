@@ -17,6 +17,7 @@ from torch import nn
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+_PEFT_MODEL_PREFIX = "base_model.model."
 
 
 def save_adapter(model: nn.Module, save_directory: str, adapter_name: str = "default") -> None:
@@ -30,18 +31,44 @@ def save_adapter(model: nn.Module, save_directory: str, adapter_name: str = "def
 def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default") -> nn.Module:
     """Add the adapter saved in ``directory`` to ``model`` (Tucker shapes rebuilt from the rank record) and load it.
 
-    Works for any PEFT method whose config ``directory`` holds (the DreamBooth example saves its LoRA baseline the
-    same way)."""
+    Reads what :func:`save_adapter` and ``PeftModel.save_pretrained`` write (the latter's keys start with
+    ``base_model.model.``; its ``modules_to_save``, e.g. a classifier head, are loaded too).  Works for any PEFT
+    method whose config ``directory`` holds (the DreamBooth example saves its LoRA baseline the same way).  The files
+    are read and checked against ``model`` before anything is injected."""
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not os.path.isfile(os.path.join(directory, name)):
+            raise FileNotFoundError(
+                f"{os.path.join(directory, name)} is missing: load_adapter needs a directory written by "
+                "tucker_peft.save_adapter or PeftModel.save_pretrained."
+            )
     config = PeftConfig.from_pretrained(directory)  # a TuckerLoraConfig, or another PEFT method's (e.g. LoRA)
+    state = load_file(os.path.join(directory, WEIGHTS_NAME))
+    if state and all(key.startswith(_PEFT_MODEL_PREFIX) for key in state):
+        state = {key.removeprefix(_PEFT_MODEL_PREFIX): value for key, value in state.items()}
+    modules = {name for name, _ in model.named_modules()}
+    strangers = [key for key in state if _owning_module(key) not in modules]
+    if strangers:
+        raise ValueError(
+            f"{directory} holds tensors for modules that {type(model).__name__} does not have: {strangers[:5]}. "
+            "The adapter was saved from another model; load it into the model it was trained on."
+        )
     if hasattr(model, "add_adapter") and hasattr(model, "set_adapters"):  # diffusers models
         model.add_adapter(config, adapter_name=adapter_name)
     else:
         inject_adapter_in_model(config, model, adapter_name=adapter_name)
-    state = load_file(os.path.join(directory, WEIGHTS_NAME))
     result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
     if getattr(result, "unexpected_keys", None):
         raise ValueError(f"{directory}: tensors that match no adapter parameter: {result.unexpected_keys[:5]}")
     return model
+
+
+def _owning_module(key: str) -> str:
+    """The module a saved adapter tensor belongs to: ``a.b.tucker_core`` -> ``a.b``, ``classifier.weight`` ->
+    ``classifier`` (PEFT saves without the adapter name)."""
+    parts = key.split(".")[:-1]
+    while parts and parts[-1].startswith(("tucker_", "lora_")):
+        parts.pop()
+    return ".".join(parts)
 
 
 def load_into_pipeline(pipeline, directory: str, adapter_name: str = "default", fuse: bool = False):

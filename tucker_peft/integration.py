@@ -25,6 +25,7 @@ import gc
 import json
 import logging
 import os
+import sys
 from typing import Any
 
 import torch
@@ -32,7 +33,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from .model import iter_tucker_layers
-from .optimizer import TuckerOptimizer, _unwrap, tucker_parameters
+from .optimizer import ATTACHED, TuckerOptimizer, _unwrap, tucker_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def attach(optimizer: Any, model: nn.Module, **kwargs: Any) -> TuckerOptimizer:
         The :class:`TuckerOptimizer` (for ``ranks()``, ``num_adapter_parameters()``).
     """
     inner = _torch_optimizer(optimizer)
-    if getattr(inner, "_tucker_optimizer", None) is not None:
+    if inner in ATTACHED:
         raise RuntimeError("tucker_peft.attach was already called on this optimizer; call it once.")
     unwrapped = _unwrap(model)
     _refuse_sharded(model)
@@ -173,7 +174,7 @@ def attach(optimizer: Any, model: nn.Module, **kwargs: Any) -> TuckerOptimizer:
     inner.register_state_dict_post_hook(save_state)
     inner.register_load_state_dict_pre_hook(take_state)
     inner.register_load_state_dict_post_hook(load_state)
-    inner._tucker_optimizer = tucker
+    ATTACHED[inner] = tucker
     return tucker
 
 
@@ -219,6 +220,53 @@ def save_rank_report(history: list[dict], ranks: dict[str, tuple[int, ...]], out
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
     return json_path, png_path
+
+
+def _checkpoints_to_resume_from(args, state) -> list[str]:
+    """Folders that may hold the checkpoint the Trainer is resuming from, the most likely first.
+
+    The Trainer loads the checkpoint's optimizer state before any callback runs and before the update is attached
+    (so our part of it is dropped), and it tells callbacks neither ``train(resume_from_checkpoint=...)`` nor the
+    folder it resolved: it is read from the calling ``Trainer._inner_training_loop`` frame, then from
+    ``args.resume_from_checkpoint``, then the ``checkpoint-<step>`` folder of ``output_dir``."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    found = []
+    frame = sys._getframe(1)
+    while frame is not None and not found:
+        if frame.f_code.co_name == "_inner_training_loop" and isinstance(
+            frame.f_locals.get("resume_from_checkpoint"), (str, os.PathLike)
+        ):
+            found.append(os.fspath(frame.f_locals["resume_from_checkpoint"]))
+        frame = frame.f_back
+    if isinstance(args.resume_from_checkpoint, str):
+        found.append(args.resume_from_checkpoint)
+    found.append(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+    return list(dict.fromkeys(found))
+
+
+def _refuse_another_scale(folder: str, model: nn.Module, adapter_name: str) -> None:
+    """A checkpoint's factors mean something only under its own scale ``alpha / r`` (per module with
+    ``rank_pattern``): refuse to continue from it under another one."""
+    path = os.path.join(folder, "adapter_config.json")
+    config = getattr(model, "peft_config", {}).get(adapter_name)
+    if config is None or not os.path.isfile(path):
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    keys = ("r", "alpha", "rank_pattern")
+    now = {k: getattr(config, k) for k in keys}
+    before = {k: saved.get(k, now[k]) for k in keys}
+    if before != now:
+
+        def show(settings: dict) -> str:
+            return ", ".join(f"{k}={v}" for k, v in settings.items() if k != "rank_pattern" or v)
+
+        raise ValueError(
+            f"Resuming would load the Tucker factors under another scale alpha / r: the checkpoint {folder} was "
+            f"trained with {show(before)}, the adapter config now has {show(now)}. Resume with the checkpoint's "
+            "r and alpha (see its adapter_config.json), or start a new training."
+        )
 
 
 class TuckerLoraCallback(TrainerCallback):
@@ -275,21 +323,16 @@ class TuckerLoraCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         # a second trainer.train() on the same optimizer keeps the update that is already attached
-        self.tucker = getattr(_torch_optimizer(optimizer), "_tucker_optimizer", None) or attach(
-            optimizer, model, **self.optimizer_kwargs
-        )
+        self.tucker = ATTACHED.get(_torch_optimizer(optimizer)) or attach(optimizer, model, **self.optimizer_kwargs)
         self.history = [{"step": state.global_step, **rank_summary(self.tucker)}]
         if state.global_step > 0:
-            self._resume_state(args, state)
+            self._resume_state(args, state, model)
 
-    def _resume_state(self, args, state) -> None:
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-        candidates = [args.resume_from_checkpoint] if isinstance(args.resume_from_checkpoint, str) else []
-        candidates.append(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
-        for folder in candidates:
+    def _resume_state(self, args, state, model) -> None:
+        for folder in _checkpoints_to_resume_from(args, state):
             path = os.path.join(folder, "optimizer.pt")
             if os.path.isfile(path):
+                _refuse_another_scale(folder, _unwrap(model), self.tucker.adapter_name)
                 saved = torch.load(path, map_location="cpu", weights_only=True)
                 if STATE_KEY in saved:
                     self.tucker.load_state_dict(saved[STATE_KEY])
@@ -302,7 +345,7 @@ class TuckerLoraCallback(TrainerCallback):
             "Resuming at step %d but no tucker-peft optimizer state was found in %s; the Adam moments of the "
             "Tucker factors restart from zero.",
             state.global_step,
-            candidates,
+            _checkpoints_to_resume_from(args, state),
         )
 
     def on_optimizer_step(self, args, state, control, **kwargs):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -93,6 +94,13 @@ class TuckerLoraModel(BaseTuner):
 
     # ------------------------------------------------------------------------------------------------------------
     # Injection
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        """Inject with a config of the model's own: saving records the ranks in ``module_ranks``, and that must not
+        reach the object the user passed (reused for the next model of a seed loop, it would start that model at
+        the previous run's final ranks)."""
+        self.peft_config[adapter_name] = copy.deepcopy(self.peft_config[adapter_name])
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+
     def _create_and_replace(
         self,
         config: TuckerLoraConfig,
@@ -147,10 +155,15 @@ class TuckerLoraModel(BaseTuner):
         state_dict: dict[str, torch.Tensor],
         unwanted_adapter_names: list[str],
     ) -> dict[str, torch.Tensor]:
-        """Select this adapter's tensors (active ranks) and write the current ranks into ``config.module_ranks``."""
+        """Select this adapter's tensors (active ranks) and write the current ranks into ``config.module_ranks``.
+
+        ``config`` is the model's own copy (:meth:`inject_adapter`), which PEFT then writes to
+        ``adapter_config.json``.  It is marked as a record of this model's saves: loading an earlier save of the same
+        training run (``load_best_model_at_end``, resuming) may then bring other ranks."""
         config.module_ranks = {
             name: list(layer.ranks(adapter_name)) for name, layer in iter_tucker_layers(model, adapter_name)
         }
+        config._module_ranks_from_save = True
         return super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
 
     @classmethod
@@ -164,11 +177,12 @@ class TuckerLoraModel(BaseTuner):
         """Map checkpoint keys to the model and check every Tucker tensor before anything is loaded.
 
         - A missing tensor is an error (never silently skipped).
-        - Shapes that differ from the model's: if the config records this module's ranks (``module_ranks``, as in an
-          adapter built by ``PeftModel.from_pretrained``), the checkpoint and its config disagree: an error.  If the
-          config has no record (an adapter created fresh, e.g. by a Trainer resuming from a checkpoint whose ranks
-          changed during training), the layer is resized to the checkpoint's ranks when its tensors form a
-          consistent Tucker tensor, and the ranks are recorded.
+        - Shapes that differ from the model's: if the config's record of this module's ranks (``module_ranks``) was
+          read with the checkpoint (an adapter built by ``PeftModel.from_pretrained``), the checkpoint and its config
+          disagree: an error.  If the config has no record (an adapter created fresh, e.g. by a Trainer resuming from
+          a checkpoint whose ranks changed during training) or its record comes from this model's own saves (the
+          Trainer's ``load_best_model_at_end`` loads an earlier checkpoint of the same run), the layer is resized to
+          the checkpoint's ranks when its tensors form a consistent Tucker tensor, and the ranks are recorded.
         """
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         problems, resize = [], []
@@ -191,7 +205,10 @@ class TuckerLoraModel(BaseTuner):
             consistent = tuple(core.shape) == tuple(u.shape[1] for u in factors) + tuple(
                 params[0].shape[len(factors) :]
             ) and all(u.dim() == 2 and u.shape[0] == p.shape[0] for u, p in zip(factors, params[1:]))
-            if module_name in config.module_ranks or not consistent:
+            recorded_with_checkpoint = module_name in config.module_ranks and not getattr(
+                config, "_module_ranks_from_save", False
+            )
+            if recorded_with_checkpoint or not consistent:
                 problems += [
                     f"{k}: checkpoint shape {tuple(t.shape)}, config (module_ranks) gives {tuple(p.shape)}"
                     for k, t, p in zip(keys, loaded, params)

@@ -44,9 +44,12 @@ Rank decisions (ALGORITHM.md §4, "when to decide"):
 
 Decoupled weight decay (``weight_decay``) shrinks the core only, never the orthonormal bases.
 
-Robustness: non-finite gradients anywhere skip the whole step (factors and moments untouched, one warning); a
-layer without gradients this step is left as it is; ranks stay within ``[min_rank, max_rank]``.  The update does
-one host synchronisation per step (the rank decision), independent of the number of layers.
+Robustness: non-finite gradients or updated factors anywhere skip the whole step (factors and moments untouched, one
+warning); a learning rate that is not a finite number >= 0 is an error; a layer without gradients this step is left
+as it is; ranks stay within ``[min_rank, max_rank]``.  Another optimizer that holds factors this update trains is
+refused before its step (a global optimizer step pre-hook), unless :func:`tucker_peft.attach` hooked it; a step while
+another, untrained Tucker adapter is active (``set_adapter``) is refused.  The update does one host synchronisation
+per step (the rank decision), independent of the number of layers.
 """
 
 from __future__ import annotations
@@ -60,13 +63,48 @@ from typing import Any
 import torch
 from torch import nn
 from torch.optim import Optimizer
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import geometry
 from .layer import TuckerLayer
 from .model import iter_tucker_layers
 
-#: which TuckerOptimizer updates a layer (a registry rather than an attribute, so that a deep copy of a model is free)
-_OWNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: which TuckerOptimizer updates a Tucker factor or core (a registry rather than an attribute, so that a deep copy of a
+#: model is free); keyed by parameter, so that each adapter of a layer can have its own update
+_OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+#: optimizers that :func:`tucker_peft.attach` hooked: they hold the factors but hand them to their TuckerOptimizer
+ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: per optimizer, the parameter layout last found free of Tucker factors (the check then costs one comparison a step)
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_GLOBAL_HOOK = None
+
+
+def _owner(param: torch.Tensor) -> TuckerOptimizer | None:
+    ref = _OWNERS.get(param)
+    return ref() if ref is not None else None
+
+
+def _refuse_optimizers_holding_factors(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+    """Global step pre-hook: an optimizer that would also step factors a TuckerOptimizer updates is refused before
+    it changes anything (its steps would move the bases off the manifold, and its moments stop matching the factors'
+    shapes at the first rank change)."""
+    if isinstance(optimizer, TuckerOptimizer) or optimizer in ATTACHED:
+        return
+    layout = tuple(len(g["params"]) for g in optimizer.param_groups)
+    if _CHECKED.get(optimizer) == (layout, len(_OWNERS)):
+        return
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            owner = _owner(param)
+            if owner is not None:
+                raise RuntimeError(
+                    f"{type(optimizer).__name__} also holds Tucker factors that a TuckerOptimizer updates (adapter "
+                    f"{owner.adapter_name!r}): both would step them. Build it from "
+                    "tucker_peft.non_tucker_parameters(model), or call tucker_peft.attach(optimizer, model), which "
+                    "takes the factors away from it."
+                )
+    _CHECKED[optimizer] = (layout, len(_OWNERS))
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -151,8 +189,7 @@ class TuckerOptimizer(Optimizer):
     ) -> None:
         if direction not in ("adam", "sgd"):
             raise ValueError(f"`direction` must be 'adam' or 'sgd'; got {direction!r}.")
-        if not lr >= 0:
-            raise ValueError(f"`lr` must be >= 0; got {lr}.")
+        _check_lr(lr)
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"`betas` must lie in [0, 1); got {betas}.")
         if not weight_decay >= 0:
@@ -183,11 +220,11 @@ class TuckerOptimizer(Optimizer):
         if not 1 <= min_rank <= max_rank:
             raise ValueError(f"need 1 <= min_rank <= max_rank; got min_rank={min_rank}, max_rank={max_rank}.")
         for name, layer in layers:
-            owner = _OWNERS.get(layer)
-            if owner is not None and owner() is not None:
+            if _owner(layer.core(adapter_name)) is not None:
                 raise RuntimeError(
-                    f"The Tucker layer {name!r} is already updated by another TuckerOptimizer; two geometric updates "
-                    "on one model would each apply the step. Create one TuckerOptimizer per model."
+                    f"The Tucker adapter {adapter_name!r} of {name!r} is already updated by another TuckerOptimizer; "
+                    "two geometric updates of one adapter would each apply the step. Create one TuckerOptimizer per "
+                    "adapter."
                 )
         groups = [
             {
@@ -214,8 +251,12 @@ class TuckerOptimizer(Optimizer):
         super().__init__(groups, defaults)
         self.adapter_name = adapter_name
         self._layers: list[TuckerLayer] = [layer for _, layer in layers]
-        for layer in self._layers:
-            _OWNERS[layer] = weakref.ref(self)
+        for group in self.param_groups:
+            for param in group["params"]:
+                _OWNERS[param] = weakref.ref(self)
+        global _GLOBAL_HOOK
+        if _GLOBAL_HOOK is None:
+            _GLOBAL_HOOK = register_optimizer_step_pre_hook(_refuse_optimizers_holding_factors)
         self.skipped_steps = 0
         #: all-reduce the factor gradients and broadcast the rank decision (set by :func:`tucker_peft.attach` when
         #: training with DDP, whose own reduction must ignore the factors since their shapes change)
@@ -240,6 +281,13 @@ class TuckerOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        self.check_active_adapter()
+        for group in self.param_groups:
+            if not (math.isfinite(group["lr"]) and group["lr"] >= 0):
+                raise ValueError(
+                    f"TuckerOptimizer: the learning rate of {group['name']!r} is {group['lr']}, not a finite number "
+                    ">= 0; check the learning-rate scheduler."
+                )
         self._check_not_modified_elsewhere()
         if self.distributed:
             self._all_reduce_gradients()
@@ -269,8 +317,9 @@ class TuckerOptimizer(Optimizer):
         if not all(v == 1.0 for v in values[: len(plans)]):
             self.skipped_steps += 1
             warnings.warn(
-                "TuckerOptimizer: non-finite gradients (inf/NaN) in the Tucker factors; the step is skipped for all "
-                "layers and their factors are unchanged.",
+                "TuckerOptimizer: non-finite values (inf/NaN) in the gradients of the Tucker factors or in the updated "
+                "factors (is the learning rate far too large?); the step is skipped for all layers and their factors "
+                "are unchanged.",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -288,6 +337,21 @@ class TuckerOptimizer(Optimizer):
             self._truncate(plan, norms, sigmas)
         self._versions = self._param_versions()
         return loss
+
+    def check_active_adapter(self) -> None:
+        """Refuse to step when another Tucker adapter that no TuckerOptimizer trains is active (after
+        ``set_adapter``): it would get gradients that nothing applies."""
+        layer = self._layers[0]
+        if self.adapter_name in layer.active_adapters:
+            return
+        for name in layer.active_adapters:
+            if name in layer.tucker_core and _owner(layer.core(name)) is None:
+                raise RuntimeError(
+                    f"The Tucker adapter {name!r} is active, but this geometric update trains {self.adapter_name!r}, "
+                    f"so {name!r} would not be trained. Call set_adapter({name!r}) before creating the optimizer "
+                    f"(and tucker_peft.attach), or give {name!r} its own TuckerOptimizer(model, adapter_name="
+                    f"{name!r}), or switch back with set_adapter({self.adapter_name!r})."
+                )
 
     def _param_versions(self) -> list[int]:
         return [p._version for g in self.param_groups for p in g["params"]]
@@ -343,7 +407,7 @@ class TuckerOptimizer(Optimizer):
         finite = torch.stack([torch.isfinite(g.reshape(g.shape[0], -1)).all(dim=1) for g in grads]).all(dim=0)
 
         def sanitize(g: torch.Tensor) -> torch.Tensor:
-            # non-finite gradients become zeros so that nothing below fails; the step is then discarded
+            # non-finite values become zeros so that nothing below fails; the step is then discarded
             return torch.where(finite.reshape(-1, *([1] * (g.dim() - 1))), g, torch.zeros_like(g))
 
         g_core, *g_factors = (sanitize(g) for g in grads)
@@ -387,11 +451,18 @@ class TuckerOptimizer(Optimizer):
         old_block = core - lam * dir_core
         if group["weight_decay"]:
             old_block = old_block - lam * group["weight_decay"] * core
+        k_steps = [-lam * direction for direction in dir_factors]
+        k_norms = [
+            torch.linalg.norm((u @ r + k).flatten(1), dim=1) for u, (_, r, _), k in zip(factors, polars, k_steps)
+        ]
+        # a step whose result would not be finite (an absurd learning rate) is discarded like one with non-finite
+        # gradients; finite norms (sums of squares) also keep the QRs and SVDs below from overflowing
+        for norm in (torch.linalg.norm(old_block.flatten(1), dim=1), *k_norms):
+            finite = finite & torch.isfinite(norm)
+        old_block, *k_steps = (sanitize(t) for t in (old_block, *k_steps))
         new_blocks, augmented = [], []
-        for u, (_, r, _), direction in zip(factors, polars, dir_factors):
-            k_step = -lam * direction
-            k_norm = torch.linalg.norm((u @ r + k_step).flatten(1), dim=1)
-            u_aug, block = geometry.new_directions(u, k_step, k_norm, polars[len(augmented)][0], rel_eps)
+        for u, (q, _, _), k_step, k_norm in zip(factors, polars, k_steps, k_norms):
+            u_aug, block = geometry.new_directions(u, k_step, k_norm, q, rel_eps)
             new_blocks.append(block)
             augmented.append(u_aug)
         ct = geometry.augmented_core(old_block, new_blocks, d)
@@ -514,6 +585,11 @@ class TuckerOptimizer(Optimizer):
                 + "\n  ".join(problems[:5])
                 + "\nLoad the adapter weights saved at the same step (e.g. the same checkpoint) before the optimizer state."
             )
+
+
+def _check_lr(lr: float) -> None:
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"`lr` must be a finite number >= 0; got {lr}.")
 
 
 def _active_adapter(model: nn.Module) -> str:

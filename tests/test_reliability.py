@@ -1,0 +1,182 @@
+"""Everyday Trainer and adapter paths that must neither break nor go silently wrong (one regression test per case)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from transformers import Trainer
+
+import tucker_peft
+from tucker_peft import TuckerLoraCallback, TuckerLoraConfig, TuckerOptimizer
+
+from .conftest import randomize_adapter, tiny_bert, trainer_args
+from .ddp_worker import tiny_bert as reproducible_bert
+from .test_training import _loop_model, _token_task, _train_steps
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def _batch():
+    return {k: torch.stack([r[k] for r in _token_task(16, seed=5)]) for k in ("input_ids", "attention_mask", "labels")}
+
+
+def test_load_best_model_at_end_with_other_ranks_than_the_last_save(tmp_path):
+    model = get_peft_model(reproducible_bert(), TuckerLoraConfig(task_type="SEQ_CLS", r=6, tau=0.1))
+    args = trainer_args(
+        tmp_path,
+        max_steps=30,
+        per_device_train_batch_size=8,
+        eval_strategy="steps",
+        eval_steps=10,
+        save_strategy="steps",
+        save_steps=10,
+        save_total_limit=2,  # rotation must keep the best checkpoint and still work with our files
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",  # lowest at step 10 on this task, with other ranks than at step 30
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=_token_task(),
+        eval_dataset=_token_task(32, seed=1),
+        callbacks=[TuckerLoraCallback()],
+    )
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best.endswith("checkpoint-10")
+    best_ranks = json.loads(open(f"{best}/adapter_config.json").read())["module_ranks"]
+    last_ranks = json.loads(open(tmp_path / "checkpoint-30" / "adapter_config.json").read())["module_ranks"]
+    assert best_ranks != last_ranks  # the case that crashed
+    assert {k: list(v) for k, v in tucker_peft.current_ranks(model).items()} == best_ranks
+    reference = PeftModel.from_pretrained(reproducible_bert(), best)
+    batch = _batch()
+    torch.testing.assert_close(_logits(model.eval(), batch), _logits(reference.eval(), batch), atol=1e-6, rtol=0)
+    # the best adapter is what save_model writes, at its own ranks
+    trainer.save_model(str(tmp_path / "final"))
+    saved = json.loads((tmp_path / "final" / "adapter_config.json").read_text())["module_ranks"]
+    assert saved == best_ranks
+    again = PeftModel.from_pretrained(reproducible_bert(), str(tmp_path / "final"))
+    torch.testing.assert_close(_logits(again.eval(), batch), _logits(reference, batch), atol=1e-6, rtol=0)
+    # save_total_limit: only the best and the last checkpoint are left
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-30"]
+
+
+def test_save_pretrained_leaves_the_users_config_alone(tmp_path):
+    config = TuckerLoraConfig(task_type="SEQ_CLS", r=6)
+    first = get_peft_model(tiny_bert(), config)
+    randomize_adapter(first)  # ranks now differ from r
+    first.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["module_ranks"]
+    assert config.module_ranks == {}
+    second = get_peft_model(tiny_bert(), config)  # a seed loop reusing one config
+    assert set(tucker_peft.current_ranks(second).values()) == {(6, 6)}
+
+
+@pytest.mark.parametrize("change", [{"alpha": 16}, {"r": 4}])
+def test_resume_with_another_scale_is_refused(tmp_path, change):
+    _train_steps(tmp_path, 3, save_steps=3)
+    settings = {"task_type": "SEQ_CLS", "r": 6, "tau": 0.1, **change}
+    model = get_peft_model(reproducible_bert(), TuckerLoraConfig(**settings))
+    trainer = Trainer(
+        model=model,
+        args=trainer_args(tmp_path, max_steps=6, per_device_train_batch_size=8),
+        train_dataset=_token_task(),
+        callbacks=[TuckerLoraCallback()],
+    )
+    with pytest.raises(ValueError, match=r"alpha / r.*checkpoint-3"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+
+
+def test_resume_from_a_checkpoint_outside_output_dir(tmp_path):
+    straight = _train_steps(tmp_path / "straight", 6)
+    _train_steps(tmp_path / "split", 6, save_steps=3)
+    moved = tmp_path / "elsewhere" / "my-checkpoint"
+    shutil.copytree(tmp_path / "split" / "checkpoint-3", moved)
+    resumed = _train_steps(tmp_path / "new-output", 6, resume=str(moved))
+    assert tucker_peft.current_ranks(resumed) == tucker_peft.current_ranks(straight)
+    for (n, p), (_, q) in zip(straight.named_parameters(), resumed.named_parameters()):
+        if "tucker_" in n or "classifier" in n:
+            torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=n)
+
+
+def test_switching_the_active_adapter_after_attach_is_refused():
+    model, batch = _loop_model()
+    model.add_adapter("second", TuckerLoraConfig(task_type="SEQ_CLS", r=4))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    tucker_peft.attach(optimizer, model)  # trains "default"
+    model.set_adapter("second")
+    model(**batch).loss.backward()
+    with pytest.raises(RuntimeError, match=r"'second' is active.*'default'"):
+        optimizer.step()
+    # a geometric update for "second" is not "a second update of the same layers"
+    other = TuckerOptimizer(model, adapter_name="second", lr=1e-2)
+    assert other.adapter_name == "second"
+    with pytest.raises(RuntimeError, match="already updated by another TuckerOptimizer"):
+        TuckerOptimizer(model, adapter_name="default")
+
+
+@pytest.mark.parametrize("fixed_rank", [False, True])
+def test_an_optimizer_that_also_holds_the_factors_is_refused(fixed_rank):
+    model, batch = _loop_model()
+    base = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    kwargs = {"min_rank": 6, "max_rank": 6} if fixed_rank else {}
+    tucker = TuckerOptimizer(model, lr=1e-4, **kwargs)
+    model(**batch).loss.backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"also holds.*non_tucker_parameters"):
+        base.step()
+    assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))  # refused before it stepped
+    tucker.step()  # the update itself goes on
+
+
+def test_learning_rate_must_be_finite_and_a_non_finite_result_is_skipped():
+    model, batch = _loop_model()
+    for lr in (math.inf, math.nan, -1.0):
+        with pytest.raises(ValueError, match="lr"):
+            TuckerOptimizer(model, lr=lr)
+    tucker = TuckerOptimizer(model, lr=1e-2)
+    model(**batch).loss.backward()
+    tucker.step()
+    tucker.param_groups[0]["lr"] = math.inf  # e.g. a broken scheduler
+    model(**batch).loss.backward()
+    with pytest.raises(ValueError, match="finite"):
+        tucker.step()
+    for group in tucker.param_groups:
+        group["lr"] = 1e38  # the core would overflow float32
+    before = [p.detach().clone() for p in tucker_peft.tucker_parameters(model)]
+    model.zero_grad()
+    model(**batch).loss.backward()
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        tucker.step()
+    after = tucker_peft.tucker_parameters(model)
+    assert tucker.skipped_steps == 1
+    assert all(torch.equal(p, q) for p, q in zip(before, after))
+    assert torch.isfinite(model(**batch).loss)
+
+
+def test_load_adapter_reads_a_peft_model_save_or_refuses_before_touching_the_model(tmp_path):
+    trained = get_peft_model(reproducible_bert(), TuckerLoraConfig(task_type="SEQ_CLS", r=6))
+    randomize_adapter(trained)
+    with torch.no_grad():
+        trained.base_model.model.classifier.modules_to_save["default"].weight.mul_(-2)  # a trained head
+    trained.save_pretrained(tmp_path / "seq-cls")
+    batch = _batch()
+    loaded = tucker_peft.load_adapter(reproducible_bert(), str(tmp_path / "seq-cls"))
+    torch.testing.assert_close(_logits(loaded.eval(), batch), _logits(trained.eval(), batch), atol=1e-6, rtol=0)
+
+    other = tiny_bert()  # another vocabulary and layer sizes, same module names: refused by the shape checks
+    other.bert.encoder.layer = other.bert.encoder.layer[:1]  # ... and a layer fewer: refused before injection
+    with pytest.raises(ValueError, match="saved from another model"):
+        tucker_peft.load_adapter(other, str(tmp_path / "seq-cls"))
+    assert not list(tucker_peft.iter_tucker_layers(other))
+    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors is missing"):
+        (tmp_path / "seq-cls" / "adapter_model.safetensors").unlink()
+        tucker_peft.load_adapter(other, str(tmp_path / "seq-cls"))
