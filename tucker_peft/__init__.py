@@ -9,6 +9,7 @@ from . import model_card
 from ._registry import TUCKER_PEFT_TYPE, register
 from .adapters_io import load_adapter, load_into_pipeline, save_adapter
 from .config import TuckerLoraConfig
+from .export import export_lora, from_lora
 from .integration import TuckerLoraCallback, attach
 from .layer import Conv, Linear, TuckerLayer
 from .model import TuckerLoraModel, adapter_parameter_count, current_ranks, iter_tucker_layers
@@ -31,6 +32,8 @@ __all__ = [
     "adapter_parameter_count",
     "attach",
     "current_ranks",
+    "export_lora",
+    "from_lora",
     "iter_tucker_layers",
     "load_adapter",
     "load_into_pipeline",
