@@ -42,6 +42,9 @@ def tucker_card_section(model: nn.Module, adapter_name: str, config: TuckerLoraC
         "This is a **tucker-peft** adapter: rank-adaptive Tucker-factorized deltas `W = W0 + s * C x_1 U_1 ... x_d U_d`"
         " trained with the geometry-aware TDLRT update (Zangrando et al., NeurIPS 2024).",
         "Load it with `import tucker_peft` before `PeftModel.from_pretrained(base_model, repo_or_dir)`.",
+        "Without tucker-peft, use its exact LoRA form: `tucker-peft export DIR OUT --format peft` (or `diffusers`,"
+        " `kohya`, `lycoris`) writes a LoRA adapter with the same outputs that plain PEFT loads with"
+        " `PeftModel.from_pretrained(base_model, OUT)` (diffusers: `pipe.load_lora_weights(OUT)`).",
         "",
         f"- Base model: `{base}`",
         f"- Target modules: `{targets}`",
