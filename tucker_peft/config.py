@@ -43,6 +43,15 @@ class TuckerLoraConfig(PeftConfig):
             "mode have norm <= tau * ||core||. 0 never truncates anything that matters."
         },
     )
+    budget: int | None = field(
+        default=None,
+        metadata={
+            "help": "Largest number of adapter parameters (cores and factors of all layers) that the rank decisions "
+            "may keep, like AdaLoRA's target budget: the ranks are then decided across layers, dropping first the "
+            "directions with the smallest share of the scaled delta, within [min_rank, max_rank] and tau. None: no "
+            "global limit (each layer by tau alone)."
+        },
+    )
     alpha: float = field(
         default=8.0,
         metadata={"help": "Scale numerator: the adapter is scaled by alpha / r, fixed at creation (> 0)."},
@@ -127,6 +136,10 @@ class TuckerLoraConfig(PeftConfig):
             )
         if not (isinstance(self.tau, (int, float)) and 0.0 <= self.tau < 1.0):
             raise ValueError(f"`tau` must be a float in [0, 1) (relative truncation tolerance); got {self.tau!r}.")
+        if self.budget is not None and (
+            isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1
+        ):
+            raise ValueError(f"`budget` must be None or a positive integer (adapter parameters); got {self.budget!r}.")
         if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
             raise ValueError(f"`alpha` must be a finite number > 0 (the scale is alpha / r); got {self.alpha!r}.")
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):

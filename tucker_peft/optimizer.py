@@ -54,6 +54,7 @@ per step (the rank decision), independent of the number of layers.
 
 from __future__ import annotations
 
+import heapq
 import math
 import warnings
 import weakref
@@ -69,6 +70,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import geometry
 from .layer import TuckerLayer
 from .model import iter_tucker_layers
+from .tensor_ops import valid_tucker_ranks
 
 #: which TuckerOptimizer updates a Tucker factor or core (a registry rather than an attribute, so that a deep copy of a
 #: model is free); keyed by parameter, so that each adapter of a layer can have its own update
@@ -168,6 +170,8 @@ class TuckerOptimizer(Optimizer):
         rank_interval: a rank decision every this many steps after the warmup (>= 1, default 1).
         rank_headroom: ranks held between decisions, as a multiple of the decided ranks (>= 1, default 1); 2 lets
             candidate directions accumulate signal so that ranks can grow at small learning rates.
+        budget: largest number of adapter parameters (all layers' cores and factors) a rank decision may keep;
+            default: the adapter config's ``budget`` (None: no global limit, only the per-layer tolerance).
     """
 
     def __init__(
@@ -186,6 +190,7 @@ class TuckerOptimizer(Optimizer):
         rank_warmup: int = 0,
         rank_interval: int = 1,
         rank_headroom: int = 1,
+        budget: int | None = None,
     ) -> None:
         if direction not in ("adam", "sgd"):
             raise ValueError(f"`direction` must be 'adam' or 'sgd'; got {direction!r}.")
@@ -219,6 +224,24 @@ class TuckerOptimizer(Optimizer):
             raise ValueError(f"`tau` must lie in [0, 1); got {tau}.")
         if not 1 <= min_rank <= max_rank:
             raise ValueError(f"need 1 <= min_rank <= max_rank; got min_rank={min_rank}, max_rank={max_rank}.")
+        budget = config.budget if budget is None else budget
+        if budget is not None:
+            smallest = sum(
+                _layer_size(
+                    layer,
+                    adapter_name,
+                    valid_tucker_ranks(
+                        [min_rank] * len(layer.factors(adapter_name)),
+                        layer.core(adapter_name).shape[len(layer.factors(adapter_name)) :],
+                    ),
+                )
+                for _, layer in layers
+            )
+            if isinstance(budget, bool) or not isinstance(budget, int) or budget < smallest:
+                raise ValueError(
+                    f"`budget` must be an integer >= {smallest:,}, the adapter's size with every mode at min_rank="
+                    f"{min_rank}; got {budget!r}. Raise the budget, lower min_rank or adapt fewer modules."
+                )
         for name, layer in layers:
             if _owner(layer.core(adapter_name)) is not None:
                 raise RuntimeError(
@@ -250,6 +273,7 @@ class TuckerOptimizer(Optimizer):
         )
         super().__init__(groups, defaults)
         self.adapter_name = adapter_name
+        self.budget = budget
         self._layers: list[TuckerLayer] = [layer for _, layer in layers]
         for group in self.param_groups:
             for param in group["params"]:
@@ -325,6 +349,7 @@ class TuckerOptimizer(Optimizer):
             )
             return loss
         pos = len(plans)
+        decisions = []
         for plan in plans:
             size = len(plan["members"])
             norms = values[pos : pos + size]
@@ -334,7 +359,11 @@ class TuckerOptimizer(Optimizer):
                 k = sigma.shape[1]
                 sigmas.append([values[pos + b * k : pos + (b + 1) * k] for b in range(size)])
                 pos += size * k
-            self._truncate(plan, norms, sigmas)
+            decisions.append(self._rank_decisions(plan, norms, sigmas))
+        if self.budget is not None and any(plan["decide"] for plan in plans):
+            self._fit_budget(plans, decisions)
+        for plan, decision in zip(plans, decisions):
+            self._truncate(plan, decision)
         self._versions = self._param_versions()
         return loss
 
@@ -482,19 +511,96 @@ class TuckerOptimizer(Optimizer):
             "frozen": lam == 0,
         }
 
-    def _truncate(self, plan: dict, norms: list[float], sigmas: list[list[list[float]]]) -> None:
-        """Phase 2 for a batch: ranks from the host values; the factors, core and moments are projected on all
-        singular vectors at once (batched), then each layer keeps its leading ``r_i`` of them.
+    def _rank_decisions(self, plan: dict, norms: list[float], sigmas: list[list[list[float]]]) -> list[dict]:
+        """Per layer of a batch: the ranks to keep (host arithmetic on the synchronised singular values).
 
         Three kinds of steps: a rank decision (ranks by the tolerance ``tau``), a step between decisions (ranks held
         at the working rank ``min(headroom * decided, max_rank)``, the leading singular directions kept), and a step
         that carries no information about ranks (``lr = 0`` or a zero augmented core): the old directions are kept
         as they are (identity projections), so neither the ranks nor the moments change."""
-        members, ct = plan["members"], plan["ct"]
         d = len(plan["factors"])
-        dense = tuple(ct.shape[d + 1 :])
+        dense = tuple(plan["ct"].shape[d + 1 :])
         old_ranks = plan["old_ranks"]
-        frozen = [plan["frozen"] or not norm > 0 for norm in norms]
+        out = []
+        for b, (group, layer) in enumerate(plan["members"]):
+            decided = plan["decided"][b] or old_ranks
+            frozen = plan["frozen"] or not norms[b] > 0
+            layer_sigmas = [per_mode[b] for per_mode in sigmas]
+            if frozen:
+                ranks = old_ranks
+            elif plan["decide"]:
+                ranks = decided = geometry.truncation_ranks(
+                    layer_sigmas, group["tau"] * norms[b], group["min_rank"], group["max_rank"], dense
+                )
+            else:
+                ranks = geometry.valid_working_ranks(
+                    [min(group["rank_headroom"] * r, group["max_rank"]) for r in decided],
+                    [len(s) for s in layer_sigmas],
+                    dense,
+                )
+            out.append(
+                {
+                    "ranks": list(ranks),
+                    "decided": list(decided),
+                    "frozen": frozen,
+                    "sigmas": layer_sigmas,
+                    "dense": dense,
+                    "layer": layer,
+                    "min_rank": group["min_rank"],
+                    "decide": plan["decide"] and not frozen,
+                }
+            )
+        return out
+
+    def _fit_budget(self, plans: list[dict], decisions: list[list[dict]]) -> None:
+        """Global rank decision under ``budget``: while the adapter would exceed it, drop the direction with the
+        smallest singular value times the layer's scale (its share of ``||s dW||``) among all deciding layers."""
+        records = [rec for plan_decisions in decisions for rec in plan_decisions]
+        deciding = {id(rec["layer"]) for rec in records}
+        fixed = sum(
+            _layer_size(layer, self.adapter_name, layer.ranks(self.adapter_name))
+            for layer in self._layers
+            if id(layer) not in deciding
+        )
+        sizes = [_layer_size(rec["layer"], self.adapter_name, rec["ranks"]) for rec in records]
+        total = fixed + sum(sizes)
+        heap: list[tuple[float, int, int, int]] = []
+
+        def push(index: int) -> None:
+            rec = records[index]
+            if not rec["decide"]:
+                return
+            scale = rec["layer"].scaling[self.adapter_name]
+            for mode, r in enumerate(rec["ranks"]):
+                if r > rec["min_rank"]:
+                    heapq.heappush(heap, (scale * rec["sigmas"][mode][r - 1], index, mode, r))
+
+        for index in range(len(records)):
+            push(index)
+        while total > self.budget and heap:
+            _, index, mode, r = heapq.heappop(heap)
+            rec = records[index]
+            if rec["ranks"][mode] != r:  # stale entry: this mode changed since
+                continue
+            ranks = list(rec["ranks"])
+            ranks[mode] -= 1
+            rec["ranks"] = rec["decided"] = geometry.valid_working_ranks(
+                ranks, [len(s) for s in rec["sigmas"]], rec["dense"]
+            )
+            new_size = _layer_size(rec["layer"], self.adapter_name, rec["ranks"])
+            total += new_size - sizes[index]
+            sizes[index] = new_size
+            heap = [entry for entry in heap if entry[1] != index]
+            heapq.heapify(heap)
+            push(index)
+
+    def _truncate(self, plan: dict, decisions: list[dict]) -> None:
+        """Phase 2 for a batch: the factors, core and moments are projected on all singular vectors at once
+        (batched), then each layer keeps its leading ``decisions[b]["ranks"]`` of them (identity projections for a
+        frozen layer, :meth:`_rank_decisions`)."""
+        members, ct = plan["members"], plan["ct"]
+        old_ranks = plan["old_ranks"]
+        frozen = [rec["frozen"] for rec in decisions]
         projections = [p for p, _ in plan["svds"]]
         if any(frozen):
             mask = torch.tensor(frozen, device=ct.device)[:, None, None]
@@ -504,24 +610,8 @@ class TuckerOptimizer(Optimizer):
             ]
         core, factors = geometry.truncate(ct, plan["factors"], projections)
         state = self._transport_moments(plan["state"], projections, old_ranks, tuple(ct.shape[1:]))
-        for b, (group, layer) in enumerate(members):
-            decided = plan["decided"][b] or old_ranks
-            if frozen[b]:
-                ranks = old_ranks
-            elif plan["decide"]:
-                ranks = decided = geometry.truncation_ranks(
-                    [per_mode[b] for per_mode in sigmas],
-                    group["tau"] * norms[b],
-                    group["min_rank"],
-                    group["max_rank"],
-                    dense,
-                )
-            else:
-                ranks = geometry.valid_working_ranks(
-                    [min(group["rank_headroom"] * r, group["max_rank"]) for r in decided],
-                    [len(per_mode[b]) for per_mode in sigmas],
-                    dense,
-                )
+        for b, ((group, layer), rec) in enumerate(zip(members, decisions)):
+            ranks = rec["ranks"]
             keep = tuple(slice(0, r) for r in ranks)
             layer.set_factors(self.adapter_name, core[b][keep], [u[b, :, :r] for u, r in zip(factors, ranks)])
             new = {
@@ -530,7 +620,7 @@ class TuckerOptimizer(Optimizer):
                 else value[b][keep if key.endswith("_core") else (slice(None), slice(0, ranks[int(key[-1])]))].clone()
                 for key, value in state.items()
             }
-            new["decided_ranks"] = list(decided)
+            new["decided_ranks"] = list(rec["decided"])
             self.state[group["params"][0]] = new
 
     @staticmethod
@@ -585,6 +675,14 @@ class TuckerOptimizer(Optimizer):
                 + "\n  ".join(problems[:5])
                 + "\nLoad the adapter weights saved at the same step (e.g. the same checkpoint) before the optimizer state."
             )
+
+
+def _layer_size(layer: TuckerLayer, adapter_name: str, ranks) -> int:
+    """Parameters of a Tucker adapter on ``layer`` at ``ranks``: core (with its dense window) and factors."""
+    core, factors = layer.core(adapter_name), layer.factors(adapter_name)
+    return math.prod(ranks) * math.prod(core.shape[len(factors) :]) + sum(
+        u.shape[0] * r for u, r in zip(factors, ranks)
+    )
 
 
 def _check_lr(lr: float) -> None:
