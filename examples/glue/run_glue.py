@@ -103,6 +103,9 @@ class ModelArguments:
     max_rank: int = field(default=32, metadata={"help": "tucker: largest rank per mode."})
     min_rank: int = field(default=1, metadata={"help": "tucker: smallest rank per mode."})
     tau: float = field(default=0.1, metadata={"help": "tucker: relative truncation tolerance."})
+    budget: int | None = field(
+        default=None, metadata={"help": "tucker: largest number of adapter parameters (global rank decisions)."}
+    )
     alpha: float = field(default=8.0, metadata={"help": "Adapter scale numerator (tucker alpha, lora_alpha)."})
     adapter_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input."})
     direction: str = field(default="adam", metadata={"help": "tucker: 'adam' or 'sgd' step direction."})
@@ -216,6 +219,7 @@ def build_model(model_args: ModelArguments, num_labels: int):
             max_rank=max(model_args.max_rank, model_args.r),
             min_rank=model_args.min_rank,
             tau=model_args.tau,
+            budget=model_args.budget,
             alpha=model_args.alpha,
             dropout=model_args.adapter_dropout,
             target_modules=targets,
