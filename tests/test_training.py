@@ -271,3 +271,24 @@ def test_attach_with_optimizer_built_from_the_other_parameters():
     model(**batch).loss.backward()
     optimizer.step()
     assert tucker.state_dict()["state"]
+
+
+def test_detach_removes_the_update_and_releases_the_factors():
+    model, batch = _loop_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    tucker_peft.attach(optimizer, model)
+    model(**batch).loss.backward()
+    optimizer.step()
+    assert "tucker_peft" in optimizer.state_dict()
+    tucker_peft.detach(optimizer)
+    factors = {id(p) for p in tucker_peft.tucker_parameters(model)}
+    assert not any(id(p) in factors for g in optimizer.param_groups for p in g["params"])
+    assert "tucker_peft" not in optimizer.state_dict()
+    before = [p.detach().clone() for p in tucker_peft.tucker_parameters(model)]
+    optimizer.zero_grad()
+    model(**batch).loss.backward()
+    optimizer.step()  # trains the head only now
+    assert all(torch.equal(p, q) for p, q in zip(before, tucker_peft.tucker_parameters(model)))
+    TuckerOptimizer(model)  # the factors are free for a new update
+    with pytest.raises(ValueError, match="no geometric update attached"):
+        tucker_peft.detach(optimizer)

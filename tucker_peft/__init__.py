@@ -10,7 +10,7 @@ from ._registry import TUCKER_PEFT_TYPE, register
 from .adapters_io import load_adapter, load_into_pipeline, save_adapter
 from .config import TuckerLoraConfig
 from .export import export_lora, from_lora
-from .integration import TuckerLoraCallback, attach
+from .integration import TuckerLoraCallback, attach, detach, rank_summary, save_rank_report
 from .layer import Conv, Linear, TuckerLayer
 from .model import TuckerLoraModel, adapter_parameter_count, current_ranks, iter_tucker_layers
 from .optimizer import TuckerOptimizer, non_tucker_parameters, tucker_parameters
@@ -32,12 +32,15 @@ __all__ = [
     "adapter_parameter_count",
     "attach",
     "current_ranks",
+    "detach",
     "export_lora",
     "from_lora",
     "iter_tucker_layers",
     "load_adapter",
     "load_into_pipeline",
     "non_tucker_parameters",
+    "rank_summary",
     "save_adapter",
+    "save_rank_report",
     "tucker_parameters",
 ]

@@ -117,7 +117,8 @@ def attach(optimizer: Any, model: nn.Module, **kwargs: Any) -> TuckerOptimizer:
     factors = tucker_parameters(unwrapped)
     ids = {id(p) for p in factors}
     holding = [g for g in inner.param_groups if any(id(p) in ids for p in g["params"])]
-    if not holding:  # built from non_tucker_parameters(model): add the factors so that unscale_/schedulers see them
+    added_group = not holding
+    if added_group:  # built from non_tucker_parameters(model): add the factors so that unscale_/schedulers see them
         inner.add_param_group({"params": [p for p in factors if p.requires_grad], "weight_decay": 0.0})
         holding = [inner.param_groups[-1]]
     for p in factors:  # drop any moments the optimizer may already have for them
@@ -127,55 +128,110 @@ def attach(optimizer: Any, model: nn.Module, **kwargs: Any) -> TuckerOptimizer:
     kwargs.setdefault("weight_decay", holding[0].get("weight_decay", 0.0))
     tucker = TuckerOptimizer(unwrapped, **kwargs)
     tucker.distributed = _is_distributed()
-    # each layer follows the learning rate (and weight decay) of the optimizer's group that holds its core; kept as
-    # group indices, since load_state_dict replaces the group dicts
-    index = {id(g): i for i, g in enumerate(inner.param_groups)}
-    follow_group = [
-        index[id(next((g for g in holding if any(p is group["params"][0] for p in g["params"])), holding[0]))]
-        for group in tucker.param_groups
-    ]
-    hidden: list[tuple[dict, list]] = []
+    Attachment(inner, tucker, ids, holding, follow_weight_decay, added_group)
+    return tucker
 
-    def hide(opt, args, kw):
-        for group in opt.param_groups:
-            if any(id(p) in ids for p in group["params"]):
-                hidden.append((group, group["params"]))
-                group["params"] = [p for p in group["params"] if id(p) not in ids]
 
-    def restore_and_update(opt, args, kw):
-        while hidden:
-            group, params = hidden.pop()
+def detach(optimizer: Any) -> None:
+    """Undo :func:`attach`: remove its hooks from ``optimizer`` and take the Tucker factors out of its parameter
+    groups (so that it does not go on training them as plain parameters).  The adapter keeps its current ranks."""
+    attachment = ATTACHED.get(_torch_optimizer(optimizer))
+    if attachment is None:
+        raise ValueError(
+            "tucker_peft.detach: this optimizer has no geometric update attached (see tucker_peft.attach)."
+        )
+    attachment.detach()
+
+
+def _group_holding(groups: list[dict], param: torch.Tensor) -> dict | None:
+    """The parameter group of ``groups`` that holds ``param`` (by identity), if any."""
+    return next((g for g in groups if any(p is param for p in g["params"])), None)
+
+
+class Attachment:
+    """The geometric update hooked into an optimizer by :func:`attach`, in the manner of torch's hooks: it owns the
+    hook handles and the state they share, is found through the registry ``ATTACHED`` (optimizer -> attachment), and
+    :meth:`detach` removes it.
+
+    - a step pre-hook hides the factors from the optimizer's own update (and refuses a step while another, untrained
+      Tucker adapter is active); a step post-hook puts them back and runs the :class:`TuckerOptimizer` with the
+      learning rate (and weight decay) of the group that holds each layer's core;
+    - ``optimizer.state_dict()`` carries the update's state under ``"tucker_peft"``; ``load_state_dict`` restores it.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        tucker: TuckerOptimizer,
+        factor_ids: set[int],
+        holding: list[dict],
+        follow_weight_decay: bool,
+        added_group: bool,
+    ) -> None:
+        self.optimizer, self.tucker = optimizer, tucker
+        self._factor_ids = factor_ids
+        self._follow_weight_decay = follow_weight_decay
+        self._added_group = added_group
+        # each layer follows the group that holds its core; kept as indices, since load_state_dict replaces the dicts
+        index = {id(g): i for i, g in enumerate(optimizer.param_groups)}
+        self._follow_group = [
+            index[id(_group_holding(holding, group["params"][0]) or holding[0])] for group in tucker.param_groups
+        ]
+        self._hidden: list[tuple[dict, list]] = []
+        self._stashed_state: dict | None = None
+        self._handles = [
+            optimizer.register_step_pre_hook(self._hide),
+            optimizer.register_step_post_hook(self._restore_and_update),
+            optimizer.register_state_dict_post_hook(self._save_state),
+            optimizer.register_load_state_dict_pre_hook(self._take_state),
+            optimizer.register_load_state_dict_post_hook(self._load_state),
+        ]
+        ATTACHED[optimizer] = self
+
+    def detach(self) -> None:
+        """Remove the hooks, release the factors and take them out of the optimizer's groups."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        ATTACHED.pop(self.optimizer, None)
+        self.tucker.release()
+        for group in self.optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in self._factor_ids]
+        if self._added_group and not self.optimizer.param_groups[-1]["params"]:
+            self.optimizer.param_groups.pop()
+
+    def _hide(self, optimizer, args, kwargs) -> None:
+        self.tucker.check_active_adapter()  # before the optimizer moves anything
+        for group in optimizer.param_groups:
+            if any(id(p) in self._factor_ids for p in group["params"]):
+                self._hidden.append((group, group["params"]))
+                group["params"] = [p for p in group["params"] if id(p) not in self._factor_ids]
+
+    def _restore_and_update(self, optimizer, args, kwargs) -> None:
+        while self._hidden:
+            group, params = self._hidden.pop()
             group["params"] = params
-        for group, i in zip(tucker.param_groups, follow_group):
-            source = opt.param_groups[i]
+        for group, i in zip(self.tucker.param_groups, self._follow_group):
+            source = optimizer.param_groups[i]
             group["lr"] = source["lr"]
-            if follow_weight_decay:
+            if self._follow_weight_decay:
                 group["weight_decay"] = source.get("weight_decay", 0.0)
-        tucker.step()
+        self.tucker.step()
 
-    stash: dict[str, Any] = {}
-
-    def save_state(opt, state_dict):
-        state_dict[STATE_KEY] = tucker.state_dict()
+    def _save_state(self, optimizer, state_dict: dict) -> dict:
+        state_dict[STATE_KEY] = self.tucker.state_dict()
         return state_dict
 
-    def take_state(opt, state_dict):
+    def _take_state(self, optimizer, state_dict: dict) -> dict:
         if STATE_KEY in state_dict:
             state_dict = dict(state_dict)
-            stash["state"] = state_dict.pop(STATE_KEY)
+            self._stashed_state = state_dict.pop(STATE_KEY)
         return state_dict
 
-    def load_state(opt):
-        if "state" in stash:
-            tucker.load_state_dict(stash.pop("state"))
-
-    inner.register_step_pre_hook(hide)
-    inner.register_step_post_hook(restore_and_update)
-    inner.register_state_dict_post_hook(save_state)
-    inner.register_load_state_dict_pre_hook(take_state)
-    inner.register_load_state_dict_post_hook(load_state)
-    ATTACHED[inner] = tucker
-    return tucker
+    def _load_state(self, optimizer) -> None:
+        if self._stashed_state is not None:
+            state, self._stashed_state = self._stashed_state, None
+            self.tucker.load_state_dict(state)
 
 
 def rank_summary(tucker: TuckerOptimizer) -> dict[str, float]:
@@ -323,7 +379,8 @@ class TuckerLoraCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         # a second trainer.train() on the same optimizer keeps the update that is already attached
-        self.tucker = ATTACHED.get(_torch_optimizer(optimizer)) or attach(optimizer, model, **self.optimizer_kwargs)
+        attachment = ATTACHED.get(_torch_optimizer(optimizer))
+        self.tucker = attachment.tucker if attachment else attach(optimizer, model, **self.optimizer_kwargs)
         self.history = [{"step": state.global_step, **rank_summary(self.tucker)}]
         if state.global_step > 0:
             self._resume_state(args, state, model)

@@ -75,7 +75,8 @@ from .tensor_ops import valid_tucker_ranks
 #: which TuckerOptimizer updates a Tucker factor or core (a registry rather than an attribute, so that a deep copy of a
 #: model is free); keyed by parameter, so that each adapter of a layer can have its own update
 _OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
-#: optimizers that :func:`tucker_peft.attach` hooked: they hold the factors but hand them to their TuckerOptimizer
+#: optimizers that :func:`tucker_peft.attach` hooked (-> their ``Attachment``): they hold the factors but hand them
+#: to their TuckerOptimizer
 ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 #: per optimizer, the parameter layout last found free of Tucker factors (the check then costs one comparison a step)
 _CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -366,6 +367,13 @@ class TuckerOptimizer(Optimizer):
             self._truncate(plan, decision)
         self._versions = self._param_versions()
         return loss
+
+    def release(self) -> None:
+        """Give up the factors: another TuckerOptimizer (or :func:`tucker_peft.attach`) may then update them."""
+        for group in self.param_groups:
+            for param in group["params"]:
+                if _owner(param) is self:
+                    del _OWNERS[param]
 
     def check_active_adapter(self) -> None:
         """Refuse to step when another Tucker adapter that no TuckerOptimizer trains is active (after

@@ -367,7 +367,7 @@ def main(argv=None):
             progress.update(1)
             logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
             if tucker is not None:
-                summary = tucker_peft.integration.rank_summary(tucker)
+                summary = tucker_peft.rank_summary(tucker)
                 logs.update(summary)
                 rank_history.append({"step": global_step, **summary})
             loss_history.append(logs["loss"])
@@ -386,7 +386,7 @@ def main(argv=None):
         if args.train_text_encoder:
             save_adapter(accelerator.unwrap_model(text_encoder), os.path.join(args.output_dir, "text_encoder"))
         if tucker is not None:
-            tucker_peft.integration.save_rank_report(rank_history, tucker.ranks(), args.output_dir)
+            tucker_peft.save_rank_report(rank_history, tucker.ranks(), args.output_dir)
         with open(os.path.join(args.output_dir, "loss_history.txt"), "w") as f:
             f.write("\n".join(f"{x:.6f}" for x in loss_history) + "\n")
         if args.validation_prompt:
