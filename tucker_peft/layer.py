@@ -42,6 +42,25 @@ def _is_transformers_conv1d(module: nn.Module) -> bool:
     return isinstance(module, Conv1D)
 
 
+def unsupported_reason(module: nn.Module) -> str | None:
+    """``None`` if a Tucker adapter can wrap ``module`` (``nn.Linear``, transformers' ``Conv1D``, ungrouped
+    ``nn.Conv1d/2d/3d``), else why not: the one place that decides which layers are supported."""
+    if isinstance(module, nn.Linear) or _is_transformers_conv1d(module):
+        return None
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return f"grouped convolution (groups={module.groups}) is not supported" if module.groups != 1 else None
+    return f"{type(module).__name__} is not supported (nn.Linear, transformers' Conv1D and nn.Conv1d/2d/3d are)"
+
+
+def unsupported_message(problems: list[str]) -> str:
+    """The error text for targets that cannot get a Tucker adapter, with the fix."""
+    return (
+        "Some target modules cannot get a Tucker adapter:\n  "
+        + "\n  ".join(problems[:10])
+        + "\nNarrow `target_modules` or add these modules to `exclude_modules`."
+    )
+
+
 class TuckerLayer(BaseTunerLayer):
     """Mixin holding the Tucker adapters of one wrapped layer (see the module docstring for shapes)."""
 
@@ -62,25 +81,18 @@ class TuckerLayer(BaseTunerLayer):
         self.kwargs = kwargs
 
         base = self.get_base_layer()
+        reason = unsupported_reason(base)
+        if reason is not None:
+            raise ValueError(unsupported_message([reason]))
         if isinstance(base, nn.Linear):
             self.in_features, self.out_features = base.in_features, base.out_features
             self.kernel_size: tuple[int, ...] = ()
         elif _is_transformers_conv1d(base):
             self.in_features, self.out_features = base.weight.shape
             self.kernel_size = ()
-        elif isinstance(base, nn.modules.conv._ConvNd) and not base.transposed:
-            if base.groups != 1:
-                raise ValueError(
-                    f"Tucker adapters do not support grouped convolutions (groups={base.groups}) yet; "
-                    "leave this module out with `exclude_modules`."
-                )
+        else:
             self.in_features, self.out_features = base.in_channels, base.out_channels
             self.kernel_size = tuple(base.kernel_size)
-        else:
-            raise TypeError(
-                f"Unsupported layer type {type(base).__name__}: Tucker adapters wrap nn.Linear, transformers' Conv1D "
-                "and nn.Conv1d/2d/3d. Remove it from `target_modules` or add it to `exclude_modules`."
-            )
 
     # ----------------------------------------------------------------------------------------------------------------
     # What the geometric update needs
@@ -377,14 +389,12 @@ def _pointwise(x: torch.Tensor, matrix: torch.Tensor, conv, spatial: int) -> tor
     return conv(x, matrix.reshape(*matrix.shape, *(1,) * spatial))
 
 
-def dispatch(target: nn.Module, adapter_name: str, **kwargs: Any) -> nn.Module:
-    """Wrap ``target`` in the Tucker layer class for its type, or raise a ``TypeError`` naming what is supported."""
+def dispatch(target: nn.Module, adapter_name: str, **kwargs: Any) -> nn.Module | None:
+    """Wrap ``target`` in the Tucker layer class for its type, or ``None`` if it is not supported (as PEFT's LoRA
+    dispatchers do; the caller raises, with :func:`unsupported_reason`)."""
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if unsupported_reason(base) is not None:
+        return None
     if isinstance(base, nn.Linear) or _is_transformers_conv1d(base):
         return Linear(target, adapter_name, **kwargs)
-    if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return Conv(target, adapter_name, **kwargs)
-    raise TypeError(
-        f"Target module {type(base).__name__} is not supported: Tucker adapters wrap nn.Linear, transformers' Conv1D "
-        "and nn.Conv1d/2d/3d. Remove it from `target_modules` or add it to `exclude_modules`."
-    )
+    return Conv(target, adapter_name, **kwargs)

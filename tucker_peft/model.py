@@ -12,7 +12,7 @@ from peft.utils.other import get_pattern_key
 from torch import nn
 
 from .config import TuckerLoraConfig
-from .layer import TuckerLayer, _is_transformers_conv1d, dispatch
+from .layer import TuckerLayer, dispatch, unsupported_message, unsupported_reason
 
 #: Default targets per transformers ``model_type``: attention and feed-forward projections where we know the names,
 #: LoRA's defaults otherwise.
@@ -28,17 +28,6 @@ TRANSFORMERS_MODELS_TO_TUCKER_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
 }
 
 _PEFT_MODEL_PREFIX = "base_model.model."
-
-
-def _supported(module: nn.Module) -> str | None:
-    """``None`` if a Tucker adapter can wrap ``module``, else the reason it cannot."""
-    if isinstance(module, nn.Linear) or _is_transformers_conv1d(module):
-        return None
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        if module.groups != 1:
-            return f"grouped convolution (groups={module.groups}) is not supported"
-        return None
-    return f"{type(module).__name__} is not supported (nn.Linear, transformers' Conv1D and nn.Conv1d/2d/3d are)"
 
 
 def iter_tucker_layers(model: nn.Module, adapter_name: str | None = None):
@@ -71,7 +60,7 @@ class TuckerLoraModel(BaseTuner):
             unknown = sorted(t for t in targets if not any(n == t or n.endswith("." + t) for n in names))
             if unknown:
                 leaf_names = sorted(
-                    {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and _supported(m) is None}
+                    {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and unsupported_reason(m) is None}
                 )
                 raise ValueError(
                     f"target_modules {unknown} match no module of {type(model).__name__}. Module names that can be "
@@ -83,14 +72,10 @@ class TuckerLoraModel(BaseTuner):
         for name, module in model.named_modules():
             if not name or name.startswith(inside_adapters) or isinstance(module, BaseTunerLayer):
                 continue
-            if self._check_target_module_exists(peft_config, name) and (reason := _supported(module)):
+            if self._check_target_module_exists(peft_config, name) and (reason := unsupported_reason(module)):
                 bad.append(f"{name}: {reason}")
         if bad:
-            raise ValueError(
-                "Some target modules cannot get a Tucker adapter:\n  "
-                + "\n  ".join(bad[:10])
-                + "\nNarrow `target_modules` or add these modules to `exclude_modules`."
-            )
+            raise ValueError(unsupported_message(bad))
 
     # ------------------------------------------------------------------------------------------------------------
     # Injection
@@ -127,6 +112,9 @@ class TuckerLoraModel(BaseTuner):
             target.update_layer(adapter_name, **kwargs)
         else:
             new_module = dispatch(target, adapter_name, **kwargs)
+            if new_module is None:
+                base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+                raise ValueError(unsupported_message([f"{current_key}: {unsupported_reason(base)}"]))
             if adapter_name not in self.active_adapters:
                 new_module.requires_grad_(False)
             self._replace_module(parent, target_name, new_module, target)
