@@ -23,7 +23,9 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+import datasets
 import numpy as np
+import transformers
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -36,6 +38,7 @@ from transformers import (
 )
 
 import tucker_peft
+from tucker_peft.model import TRANSFORMERS_MODELS_TO_TUCKER_TARGET_MODULES_MAPPING
 
 logger = logging.getLogger("run_glue")
 
@@ -53,22 +56,6 @@ TASK_TO_KEYS = {
 #: column names of the original GLUE files (MRPC, STS-B) mapped to the names of the Hub dataset
 RAW_COLUMN_ALIASES = {"#1 String": "sentence1", "#2 String": "sentence2", "Quality": "label", "score": "label"}
 MAIN_METRIC = {"cola": "matthews_correlation", "stsb": "pearson", "mrpc": "f1", "qqp": "f1"}
-
-#: attention + feed-forward projections per model family (the default target set)
-DEFAULT_TARGETS = {
-    "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
-    "roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
-    "xlm-roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
-    "deberta-v2": [
-        "query_proj",
-        "key_proj",
-        "value_proj",
-        "attention.output.dense",
-        "intermediate.dense",
-        "output.dense",
-    ],
-    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
-}
 
 
 @dataclass
@@ -200,8 +187,12 @@ def adapter_summary(model, method: str) -> dict:
     return {"trainable": trainable, "ranks": []}
 
 
-def build_model(model_args: ModelArguments, num_labels: int):
-    from peft import LoraConfig, get_peft_model
+def build_model(model_args: ModelArguments, num_labels: int, total_steps: int):
+    """The pretrained model with the adapter of ``--method`` (``total_steps``: AdaLoRA's schedule needs it).
+
+    Every method adapts the same modules: ``--target_modules`` or the package's default for the model family
+    (attention and feed-forward projections)."""
+    from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
     model = AutoModelForSequenceClassification.from_pretrained(
         model_args.model_name_or_path,
@@ -211,7 +202,7 @@ def build_model(model_args: ModelArguments, num_labels: int):
     if model_args.method == "full":
         return model
     targets = model_args.target_modules.split(",") if model_args.target_modules else None
-    targets = targets or DEFAULT_TARGETS.get(model.config.model_type)
+    targets = targets or TRANSFORMERS_MODELS_TO_TUCKER_TARGET_MODULES_MAPPING.get(model.config.model_type)
     if model_args.method == "tucker":
         config = tucker_peft.TuckerLoraConfig(
             task_type="SEQ_CLS",
@@ -235,10 +226,20 @@ def build_model(model_args: ModelArguments, num_labels: int):
     elif model_args.method == "adalora":
         if not model_args.adalora_target_r < model_args.r:
             raise ValueError(f"--adalora_target_r ({model_args.adalora_target_r}) must be below --r ({model_args.r}).")
-        config = None  # needs total_step; built in main()
+        config = AdaLoraConfig(
+            task_type="SEQ_CLS",
+            init_r=model_args.r,
+            target_r=model_args.adalora_target_r,
+            lora_alpha=model_args.alpha,
+            target_modules=targets,
+            total_step=total_steps,
+            tinit=max(1, total_steps // 10),
+            tfinal=max(1, total_steps // 5),
+            deltaT=max(1, total_steps // 50),
+        )
     else:
         raise ValueError(f"--method must be tucker, lora, adalora or full; got {model_args.method!r}.")
-    return model if config is None else get_peft_model(model, config)
+    return get_peft_model(model, config)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -247,7 +248,12 @@ def main(argv: list[str] | None = None) -> dict:
         model_args, data_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
     else:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[logging.StreamHandler()])
+    log_level = training_args.get_process_log_level()  # info on the main process, warnings on the others
+    logger.setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    logger.info("Training/evaluation parameters %s", training_args)
     set_seed(training_args.seed)
 
     raw = load_data(data_args)
@@ -271,41 +277,23 @@ def main(argv: list[str] | None = None) -> dict:
         train = train.select(range(min(data_args.max_train_samples, len(train))))
     if data_args.max_eval_samples:
         evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
-    train = train.map(tokenize, batched=True, remove_columns=train.column_names)
-    evaluation = evaluation.map(tokenize, batched=True, remove_columns=evaluation.column_names)
+    with training_args.main_process_first(desc="dataset map tokenization"):
+        train = train.map(tokenize, batched=True, remove_columns=train.column_names, desc="Tokenizing the train set")
+        evaluation = evaluation.map(
+            tokenize, batched=True, remove_columns=evaluation.column_names, desc="Tokenizing the validation set"
+        )
 
-    model = build_model(model_args, num_labels)
+    steps_per_epoch = math.ceil(
+        len(train) / (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps)
+    )
+    total_steps = (
+        training_args.max_steps
+        if training_args.max_steps > 0
+        else math.ceil(training_args.num_train_epochs * steps_per_epoch)
+    )
+    model = build_model(model_args, num_labels, total_steps)
     callbacks = []
     if model_args.method == "adalora":
-        from peft import AdaLoraConfig, get_peft_model
-
-        steps_per_epoch = math.ceil(
-            len(train) / (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps)
-        )
-        total = (
-            training_args.max_steps
-            if training_args.max_steps > 0
-            else math.ceil(training_args.num_train_epochs * steps_per_epoch)
-        )
-        targets = (
-            model_args.target_modules.split(",")
-            if model_args.target_modules
-            else DEFAULT_TARGETS.get(model.config.model_type)
-        )
-        model = get_peft_model(
-            model,
-            AdaLoraConfig(
-                task_type="SEQ_CLS",
-                init_r=model_args.r,
-                target_r=model_args.adalora_target_r,
-                lora_alpha=model_args.alpha,
-                target_modules=targets,
-                total_step=total,
-                tinit=max(1, total // 10),
-                tfinal=max(1, total // 5),
-                deltaT=max(1, total // 50),
-            ),
-        )
         callbacks.append(AdaLoraCallback())
     elif model_args.method == "tucker":
         callbacks.append(tucker_peft.TuckerLoraCallback(direction=model_args.direction))
@@ -329,9 +317,14 @@ def main(argv: list[str] | None = None) -> dict:
         callbacks=callbacks,
     )
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    metrics = trainer.evaluate()
-    end = adapter_summary(model, model_args.method)
     trainer.save_model(training_args.output_dir)
+    trainer.log_metrics("train", train_result.metrics)
+    trainer.save_metrics("train", train_result.metrics)
+    trainer.save_state()
+    metrics = trainer.evaluate()
+    trainer.log_metrics("eval", metrics)
+    trainer.save_metrics("eval", metrics)
+    end = adapter_summary(model, model_args.method)
 
     main_metric = MAIN_METRIC.get(task, "accuracy")
     ranks = end["ranks"]
