@@ -1,4 +1,4 @@
-"""One geometric step against independent dense references (ALGORITHM.md §7, properties 1, 3, 4)."""
+"""One geometric step against independent dense references (docs/algorithm.md §7, properties 1, 3, 4)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ CONV_MODES = ("channels", "full")
 
 @dataclass
 class TuckerLoraConfig(PeftConfig):
-    """Configuration of a [`TuckerLoraModel`]: adapters ``W = W0 + s * C x_1 U_1 ... x_d U_d`` (ALGORITHM.md §1).
+    """Configuration of a [`TuckerLoraModel`]: adapters ``W = W0 + s * C x_0 U_0 ... x_{d-1} U_{d-1}`` (docs/algorithm.md §1).
 
     Each targeted layer gets orthonormal factors ``U_i`` (one per factorized mode) and a core ``C`` that starts at
     zero, so the model is unchanged at creation.  The scale ``s = alpha / r`` is fixed when the adapter is created

@@ -1,4 +1,4 @@
-"""The geometric, rank-adaptive update of one Tucker tensor (ALGORITHM.md §2-4), on plain tensors.
+"""The geometric, rank-adaptive update of one Tucker tensor (docs/algorithm.md §2-4), on plain tensors.
 
 Notation: ``dW = C x_0 U_0 ... x_{d-1} U_{d-1}``, core ``C`` of shape ``(r_0, ..., r_{d-1}, *w)`` where ``w`` are
 trailing dense modes without a factor (a convolution window in ``channels`` mode), factors ``U_i`` ``(n_i, r_i)``
@@ -29,23 +29,12 @@ from collections.abc import Sequence
 
 import torch
 
-from .tensor_ops import mode_dot, unfold, valid_tucker_ranks
+from .tensor_ops import batched_fold, batched_mode_dot, batched_unfold, mode_dot, unfold, valid_tucker_ranks
 
 
 def default_rcond(dtype: torch.dtype) -> float:
     """Relative cutoff for ``R_i^+``: ``sqrt(eps)`` of the dtype (3.5e-4 in fp32, 1.5e-8 in fp64)."""
     return math.sqrt(torch.finfo(dtype).eps)
-
-
-def batched_unfold(tensor: torch.Tensor, mode: int) -> torch.Tensor:
-    """Mode-``mode`` unfolding of each tensor of a batch ``(B, ...)``: ``(B, n_mode, prod of the others)``."""
-    return torch.movedim(tensor, mode + 1, 1).reshape(tensor.shape[0], tensor.shape[mode + 1], -1)
-
-
-def batched_fold(matrix: torch.Tensor, mode: int, shape: Sequence[int]) -> torch.Tensor:
-    """Inverse of :func:`batched_unfold`; ``shape`` excludes the batch dimension."""
-    moved = [matrix.shape[0], shape[mode], *(s for i, s in enumerate(shape) if i != mode)]
-    return torch.movedim(matrix.reshape(moved), 1, mode + 1)
 
 
 def unfolding_polar(core: torch.Tensor, mode: int, rcond: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -173,15 +162,6 @@ def valid_working_ranks(
     """Ranks held between rank decisions: ``targets`` clipped to the ``available`` directions of each mode and
     reduced to valid Tucker ranks."""
     return valid_tucker_ranks([max(1, min(t, a)) for t, a in zip(targets, available)], dense_sizes)
-
-
-def batched_mode_dot(tensor: torch.Tensor, matrices: torch.Tensor, mode: int) -> torch.Tensor:
-    """``T_b x_mode M_b`` for every member ``b`` of a batch: ``tensor`` ``(B, ...)``, ``matrices`` ``(B, m, n_mode)``."""
-    moved = torch.movedim(tensor, mode + 1, -1)
-    out = (moved.reshape(moved.shape[0], -1, moved.shape[-1]) @ matrices.transpose(-1, -2)).reshape(
-        *moved.shape[:-1], matrices.shape[-2]
-    )
-    return torch.movedim(out, -1, mode + 1)
 
 
 def truncate(

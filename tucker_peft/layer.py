@@ -1,7 +1,7 @@
-"""Tucker adapter layers: ``W = W0 + s * C x_1 U_1 ... x_d U_d`` on Linear, transformers' Conv1D and ConvNd.
+"""Tucker adapter layers: ``W = W0 + s * C x_0 U_0 ... x_{d-1} U_{d-1}`` on Linear, transformers' Conv1D and ConvNd.
 
 The layer owns, per adapter, a core ``tucker_core[adapter]`` and one orthonormal factor ``tucker_U{i}[adapter]``
-per factorized mode ``i`` (ALGORITHM.md §1).  Modes are always ordered ``(out, in, window...)``:
+per factorized mode ``i`` (docs/algorithm.md §1).  Modes are always ordered ``(out, in, window...)``:
 
 - ``nn.Linear`` / ``Conv1D``: factors ``U0`` (out x r0), ``U1`` (in x r1), core ``(r0, r1)``;
   ``dW = U0 C U1^T`` in ``(out, in)`` layout (transposed for ``Conv1D``, whose weight is stored in x out).

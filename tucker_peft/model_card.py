@@ -39,7 +39,7 @@ def tucker_card_section(model: nn.Module, adapter_name: str, config: TuckerLoraC
     lines = [
         title,
         "",
-        "This is a **tucker-peft** adapter: rank-adaptive Tucker-factorized deltas `W = W0 + s * C x_1 U_1 ... x_d U_d`"
+        "This is a **tucker-peft** adapter: rank-adaptive Tucker-factorized deltas `W = W0 + s * C x_0 U_0 ... x_{d-1} U_{d-1}`"
         " trained with the geometry-aware TDLRT update (Zangrando et al., NeurIPS 2024).",
         "Load it with `import tucker_peft` before `PeftModel.from_pretrained(base_model, repo_or_dir)`.",
         "Without tucker-peft, use its exact LoRA form: `tucker-peft export DIR OUT --format peft` (or `diffusers`,"

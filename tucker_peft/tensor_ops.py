@@ -1,7 +1,7 @@
 """Tensor algebra for Tucker tensors (names as in TensorLy), with no knowledge of ``nn.Module`` or PEFT.
 
-Notation (see ``ALGORITHM.md`` section 1): a Tucker tensor is ``dW = C x_1 U_1 x_2 U_2 ... x_d U_d`` with a core
-``C`` of shape ``(r_1, ..., r_d, *rest)`` and factors ``U_i`` of shape ``(n_i, r_i)``.  Factors act on the leading
+Notation (``docs/algorithm.md`` §1): a Tucker tensor is ``dW = C x_0 U_0 x_1 U_1 ... x_{d-1} U_{d-1}`` with a core
+``C`` of shape ``(r_0, ..., r_{d-1}, *rest)`` and factors ``U_i`` of shape ``(n_i, r_i)``.  Factors act on the leading
 modes of the core; trailing modes without a factor (e.g. a dense convolution window) are left as they are.
 """
 
@@ -12,7 +12,18 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["fold", "mode_dot", "multi_mode_dot", "orthonormal", "tucker_to_tensor", "unfold", "valid_tucker_ranks"]
+__all__ = [
+    "batched_fold",
+    "batched_mode_dot",
+    "batched_unfold",
+    "fold",
+    "mode_dot",
+    "multi_mode_dot",
+    "orthonormal",
+    "tucker_to_tensor",
+    "unfold",
+    "valid_tucker_ranks",
+]
 
 
 def unfold(tensor: torch.Tensor, mode: int) -> torch.Tensor:
@@ -70,3 +81,24 @@ def valid_tucker_ranks(ranks: Sequence[int], dense_sizes: Sequence[int] = ()) ->
                 ranks[i] = bound
                 changed = True
     return ranks
+
+
+# Batched forms: a leading batch dimension B (layers of equal shapes updated together)
+def batched_unfold(tensor: torch.Tensor, mode: int) -> torch.Tensor:
+    """Mode-``mode`` unfolding of each tensor of a batch ``(B, ...)``: ``(B, n_mode, prod of the others)``."""
+    return torch.movedim(tensor, mode + 1, 1).reshape(tensor.shape[0], tensor.shape[mode + 1], -1)
+
+
+def batched_fold(matrix: torch.Tensor, mode: int, shape: Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`batched_unfold`; ``shape`` excludes the batch dimension."""
+    moved = [matrix.shape[0], shape[mode], *(s for i, s in enumerate(shape) if i != mode)]
+    return torch.movedim(matrix.reshape(moved), 1, mode + 1)
+
+
+def batched_mode_dot(tensor: torch.Tensor, matrices: torch.Tensor, mode: int) -> torch.Tensor:
+    """``T_b x_mode M_b`` for every member ``b`` of a batch: ``tensor`` ``(B, ...)``, ``matrices`` ``(B, m, n_mode)``."""
+    moved = torch.movedim(tensor, mode + 1, -1)
+    out = (moved.reshape(moved.shape[0], -1, moved.shape[-1]) @ matrices.transpose(-1, -2)).reshape(
+        *moved.shape[:-1], matrices.shape[-2]
+    )
+    return torch.movedim(out, -1, mode + 1)
