@@ -32,6 +32,91 @@ def tiny_bert(num_labels: int = 2):
     return BertForSequenceClassification(cfg).eval()
 
 
+def reproducible_bert(seed: int = 0):
+    """A 2-layer BERT without dropout (runs are reproducible step for step); also used by ``ddp_worker.py``."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=60,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return BertForSequenceClassification(cfg)
+
+
+def token_task(n: int = 96, seed: int = 0) -> list[dict]:
+    """Label 1 iff token 7 occurs in the sequence: learnable by a tiny BERT in a few dozen steps."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        ids = torch.randint(10, 60, (12,), generator=g)
+        label = int(torch.rand((), generator=g) < 0.5)
+        if label:
+            ids[torch.randint(0, 12, (1,), generator=g)] = 7
+        rows.append(
+            {"input_ids": ids, "attention_mask": torch.ones(12, dtype=torch.long), "labels": torch.tensor(label)}
+        )
+    return rows
+
+
+def loop_model(seed: int = 0):
+    """A reproducible BERT with Tucker adapters (r = 6, tau = 0.1) and one batch of :func:`token_task`."""
+    from peft import get_peft_model
+
+    model = get_peft_model(reproducible_bert(seed), tucker_peft.TuckerLoraConfig(task_type="SEQ_CLS", r=6, tau=0.1))
+    batch = {k: torch.stack([r[k] for r in token_task(16)]) for k in ("input_ids", "attention_mask", "labels")}
+    return model, batch
+
+
+def train_steps(tmp_path, max_steps: int, resume=None, save_steps=None):
+    """Train :func:`loop_model`'s model with the Trainer and the callback (batch 8, lr 2e-2); optional checkpoints."""
+    from transformers import Trainer
+
+    model = loop_model()[0]
+    args = trainer_args(
+        tmp_path,
+        max_steps=max_steps,
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
+        per_device_train_batch_size=8,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=token_task(), callbacks=[tucker_peft.TuckerLoraCallback()])
+    trainer.train(resume_from_checkpoint=resume)
+    return model
+
+
+def planted_lora(tmp_path, rank: int = 3):
+    """A LoRA r=8 adapter on tiny BERT, saved to ``tmp_path/lora``, whose every delta has rank ``rank``."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_bert(), LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16)).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "lora_B") and "default" in module.lora_B:
+                b = module.lora_B["default"].weight
+                b.copy_(torch.randn(b.shape[0], rank, generator=g) @ torch.randn(rank, b.shape[1], generator=g) / 4)
+    model.save_pretrained(tmp_path / "lora")
+    return model
+
+
+class Net(nn.Module):
+    """One layer of the type under test, wrapped so that PEFT can target it by name."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
 def tiny_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 

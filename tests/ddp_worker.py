@@ -14,30 +14,19 @@ import torch
 import torch.distributed as dist
 from peft import get_peft_model
 from torch.nn.parallel import DistributedDataParallel
-from transformers import BertConfig, BertForSequenceClassification
 
 import tucker_peft
 from tucker_peft import TuckerLoraConfig
 
-
-def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
-    """A 2-layer BERT without dropout (so that runs are reproducible step for step)."""
-    torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=60,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=32,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return BertForSequenceClassification(cfg)
+try:
+    from .conftest import reproducible_bert
+except ImportError:  # run as a script by torch.distributed.run
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from conftest import reproducible_bert
 
 
 def build():
-    return get_peft_model(tiny_bert(), TuckerLoraConfig(task_type="SEQ_CLS", r=6, tau=0.1))
+    return get_peft_model(reproducible_bert(), TuckerLoraConfig(task_type="SEQ_CLS", r=6, tau=0.1))
 
 
 def batches(steps: int, size: int = 16):

@@ -33,7 +33,9 @@ def _train(budget, steps=300, tau=0.0):
     base = TwoLayers().requires_grad_(False)
     g = torch.Generator().manual_seed(1)
     targets = [base.big.weight + _planted(3, g), base.small.weight + _planted(1, g)]
-    model = get_peft_model(base, TuckerLoraConfig(r=6, alpha=6, tau=tau, target_modules=["big", "small"], budget=budget))
+    model = get_peft_model(
+        base, TuckerLoraConfig(r=6, alpha=6, tau=tau, target_modules=["big", "small"], budget=budget)
+    )
     tucker = TuckerOptimizer(model, lr=5e-3)
     sizes = []
     for _ in range(steps):

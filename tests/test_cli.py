@@ -15,8 +15,7 @@ import tucker_peft
 from tucker_peft import TuckerLoraConfig
 from tucker_peft.cli import main
 
-from .conftest import randomize_adapter, tiny_bert
-from .test_export import _planted_lora
+from .conftest import planted_lora, randomize_adapter, tiny_bert
 
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "tucker-peft")
 
@@ -48,7 +47,7 @@ def test_export_and_compress_commands(tmp_path, capsys):
     tucker_peft.export_lora(str(tmp_path / "tucker"), str(tmp_path / "kohya-api"), format="kohya")
     cli, api = (load_file(tmp_path / d / "lora.safetensors") for d in ("kohya", "kohya-api"))
     assert cli.keys() == api.keys() and all(torch.equal(cli[k], api[k]) for k in cli)
-    _planted_lora(tmp_path)
+    planted_lora(tmp_path)
     assert main(["compress", str(tmp_path / "lora"), str(tmp_path / "compressed"), "--tau", "1e-4"]) == 0
     assert "wrote a Tucker adapter" in capsys.readouterr().out
     config = json.loads((tmp_path / "compressed" / "adapter_config.json").read_text())
@@ -61,7 +60,7 @@ def test_installed_script_help_and_errors(tmp_path):
         assert out.returncode == 0 and "usage: tucker-peft" in out.stdout
     out = subprocess.run([SCRIPT, "inspect", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "is not a saved adapter" in out.stderr
-    _planted_lora(tmp_path)
+    planted_lora(tmp_path)
     out = subprocess.run(
         [SCRIPT, "export", str(tmp_path / "lora"), str(tmp_path / "x")], capture_output=True, text=True
     )

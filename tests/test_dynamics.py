@@ -14,8 +14,7 @@ from transformers import Trainer
 import tucker_peft
 from tucker_peft import TuckerLoraCallback, TuckerLoraConfig, TuckerOptimizer
 
-from .conftest import Regression, tiny_bert, trainer_args
-from .test_layers import Net
+from .conftest import Net, Regression, tiny_bert, trainer_args
 
 
 def _bert_batch(seed=0):

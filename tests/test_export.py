@@ -15,7 +15,16 @@ import tucker_peft
 from tucker_peft import TuckerLoraConfig
 from tucker_peft.export import from_lora
 
-from .conftest import UNET_TARGETS, randomize_adapter, run_fresh_python, tiny_bert, tiny_gpt2, tiny_unet, unet_inputs
+from .conftest import (
+    UNET_TARGETS,
+    planted_lora,
+    randomize_adapter,
+    run_fresh_python,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_unet,
+    unet_inputs,
+)
 
 IDS = torch.tensor([[3, 17, 42, 99, 5, 8, 23, 61], [11, 2, 7, 7, 90, 4, 33, 1]])
 
@@ -110,21 +119,8 @@ def test_kohya_and_lycoris_exports_rebuild_the_delta(tmp_path, fmt, conv_mode):
         torch.testing.assert_close(delta, layer.get_delta_weight("default"), atol=1e-6, rtol=1e-5)
 
 
-def _planted_lora(tmp_path, rank=3):
-    """A LoRA r=8 adapter on tiny BERT whose every delta has rank ``rank`` (B = X Y, X of ``rank`` columns)."""
-    model = get_peft_model(tiny_bert(), LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16)).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for module in model.modules():
-            if hasattr(module, "lora_B") and "default" in module.lora_B:
-                b = module.lora_B["default"].weight
-                b.copy_(torch.randn(b.shape[0], rank, generator=g) @ torch.randn(rank, b.shape[1], generator=g) / 4)
-    model.save_pretrained(tmp_path / "lora")
-    return model
-
-
 def test_from_lora_recovers_the_rank_and_is_exact_at_tau_zero(tmp_path):
-    lora = _planted_lora(tmp_path)
+    lora = planted_lora(tmp_path)
     with torch.no_grad():
         expected = lora(input_ids=IDS).logits
     for tau, rank in ((0.0, 8), (1e-4, 3)):
@@ -147,7 +143,7 @@ def test_from_lora_recovers_the_rank_and_is_exact_at_tau_zero(tmp_path):
 
 
 def test_export_and_import_refuse_what_they_cannot_read(tmp_path):
-    _planted_lora(tmp_path)
+    planted_lora(tmp_path)
     with pytest.raises(ValueError, match="not a tucker-peft one"):
         tucker_peft.export_lora(str(tmp_path / "lora"), str(tmp_path / "x"))
     with pytest.raises(ValueError, match="not a saved adapter"):

@@ -13,7 +13,7 @@ from torch import nn
 from tucker_peft import TuckerLoraConfig, TuckerOptimizer
 from tucker_peft.geometry import tangent_projection
 
-from .test_layers import Net
+from .conftest import Net
 
 
 def _einsum_tucker(core, factors):

@@ -14,18 +14,7 @@ from transformers.pytorch_utils import Conv1D
 from tucker_peft import Conv, Linear, TuckerLoraConfig, adapter_parameter_count, current_ranks
 from tucker_peft.tensor_ops import tucker_to_tensor
 
-from .conftest import randomize_adapter
-
-
-class Net(nn.Module):
-    """One layer of the type under test, wrapped so that PEFT can target it by name."""
-
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        return self.layer(x)
+from .conftest import Net, randomize_adapter
 
 
 def _layer_cases():

@@ -15,8 +15,7 @@ from torch import nn
 import tucker_peft
 from tucker_peft import TuckerLoraConfig, TuckerOptimizer, geometry
 
-from .conftest import tiny_bert
-from .test_layers import Net
+from .conftest import Net, tiny_bert
 
 
 def _planted_linear(rank=3, n_out=40, n_in=48, seed=0):
@@ -30,7 +29,7 @@ def _planted_linear(rank=3, n_out=40, n_in=48, seed=0):
 
 
 def _check_invariants(opt, min_rank, max_rank):
-    for layer in opt._layers:
+    for layer in opt.layers().values():
         for u in layer.factors("default"):
             torch.testing.assert_close(u.T @ u, torch.eye(u.shape[1]), atol=1e-5, rtol=0)
         assert all(min_rank <= r <= max_rank for r in layer.ranks("default"))
@@ -210,9 +209,9 @@ def test_nonfinite_gradient_skips_the_step_bit_identically():
     state_before = copy.deepcopy(opt.state_dict())
     opt.zero_grad()
     model(input_ids=ids).logits.sum().backward()
-    layer = opt._layers[3]
-    layer.factors("default")[1].grad[0, 0] = float("nan")
-    opt._layers[0].core("default").grad[0, 0] = float("inf")
+    layers = list(opt.layers().values())
+    layers[3].factors("default")[1].grad[0, 0] = float("nan")
+    layers[0].core("default").grad[0, 0] = float("inf")
     with pytest.warns(RuntimeWarning, match="non-finite values"):
         opt.step()
     for n, p in model.named_parameters():
@@ -229,7 +228,7 @@ def test_nonfinite_gradient_skips_the_step_bit_identically():
 def test_layer_without_gradient_is_left_alone():
     model = get_peft_model(tiny_bert(), TuckerLoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query"]))
     opt = TuckerOptimizer(model, lr=1e-2)
-    layers = opt._layers
+    layers = list(opt.layers().values())
     ids = torch.randint(0, 120, (2, 6))
     model(input_ids=ids).logits.sum().backward()
     layers[1].core("default").grad = None

@@ -14,9 +14,15 @@ from transformers import Trainer
 import tucker_peft
 from tucker_peft import TuckerLoraCallback, TuckerLoraConfig, TuckerOptimizer
 
-from .conftest import randomize_adapter, tiny_bert, trainer_args
-from .ddp_worker import tiny_bert as reproducible_bert
-from .test_training import _loop_model, _token_task, _train_steps
+from .conftest import (
+    loop_model,
+    randomize_adapter,
+    reproducible_bert,
+    tiny_bert,
+    token_task,
+    train_steps,
+    trainer_args,
+)
 
 
 def _logits(model, batch):
@@ -25,7 +31,7 @@ def _logits(model, batch):
 
 
 def _batch():
-    return {k: torch.stack([r[k] for r in _token_task(16, seed=5)]) for k in ("input_ids", "attention_mask", "labels")}
+    return {k: torch.stack([r[k] for r in token_task(16, seed=5)]) for k in ("input_ids", "attention_mask", "labels")}
 
 
 def test_load_best_model_at_end_with_other_ranks_than_the_last_save(tmp_path):
@@ -45,8 +51,8 @@ def test_load_best_model_at_end_with_other_ranks_than_the_last_save(tmp_path):
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=_token_task(),
-        eval_dataset=_token_task(32, seed=1),
+        train_dataset=token_task(),
+        eval_dataset=token_task(32, seed=1),
         callbacks=[TuckerLoraCallback()],
     )
     trainer.train()
@@ -82,13 +88,13 @@ def test_save_pretrained_leaves_the_users_config_alone(tmp_path):
 
 @pytest.mark.parametrize("change", [{"alpha": 16}, {"r": 4}])
 def test_resume_with_another_scale_is_refused(tmp_path, change):
-    _train_steps(tmp_path, 3, save_steps=3)
+    train_steps(tmp_path, 3, save_steps=3)
     settings = {"task_type": "SEQ_CLS", "r": 6, "tau": 0.1, **change}
     model = get_peft_model(reproducible_bert(), TuckerLoraConfig(**settings))
     trainer = Trainer(
         model=model,
         args=trainer_args(tmp_path, max_steps=6, per_device_train_batch_size=8),
-        train_dataset=_token_task(),
+        train_dataset=token_task(),
         callbacks=[TuckerLoraCallback()],
     )
     with pytest.raises(ValueError, match=r"alpha / r.*checkpoint-3"):
@@ -96,11 +102,11 @@ def test_resume_with_another_scale_is_refused(tmp_path, change):
 
 
 def test_resume_from_a_checkpoint_outside_output_dir(tmp_path):
-    straight = _train_steps(tmp_path / "straight", 6)
-    _train_steps(tmp_path / "split", 6, save_steps=3)
+    straight = train_steps(tmp_path / "straight", 6)
+    train_steps(tmp_path / "split", 6, save_steps=3)
     moved = tmp_path / "elsewhere" / "my-checkpoint"
     shutil.copytree(tmp_path / "split" / "checkpoint-3", moved)
-    resumed = _train_steps(tmp_path / "new-output", 6, resume=str(moved))
+    resumed = train_steps(tmp_path / "new-output", 6, resume=str(moved))
     assert tucker_peft.current_ranks(resumed) == tucker_peft.current_ranks(straight)
     for (n, p), (_, q) in zip(straight.named_parameters(), resumed.named_parameters()):
         if "tucker_" in n or "classifier" in n:
@@ -108,7 +114,7 @@ def test_resume_from_a_checkpoint_outside_output_dir(tmp_path):
 
 
 def test_switching_the_active_adapter_after_attach_is_refused():
-    model, batch = _loop_model()
+    model, batch = loop_model()
     model.add_adapter("second", TuckerLoraConfig(task_type="SEQ_CLS", r=4))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     tucker_peft.attach(optimizer, model)  # trains "default"
@@ -125,7 +131,7 @@ def test_switching_the_active_adapter_after_attach_is_refused():
 
 @pytest.mark.parametrize("fixed_rank", [False, True])
 def test_an_optimizer_that_also_holds_the_factors_is_refused(fixed_rank):
-    model, batch = _loop_model()
+    model, batch = loop_model()
     base = torch.optim.AdamW(model.parameters(), lr=1e-4)
     kwargs = {"min_rank": 6, "max_rank": 6} if fixed_rank else {}
     tucker = TuckerOptimizer(model, lr=1e-4, **kwargs)
@@ -138,7 +144,7 @@ def test_an_optimizer_that_also_holds_the_factors_is_refused(fixed_rank):
 
 
 def test_learning_rate_must_be_finite_and_a_non_finite_result_is_skipped():
-    model, batch = _loop_model()
+    model, batch = loop_model()
     for lr in (math.inf, math.nan, -1.0):
         with pytest.raises(ValueError, match="lr"):
             TuckerOptimizer(model, lr=lr)

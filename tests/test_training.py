@@ -16,31 +16,15 @@ from transformers import Trainer
 import tucker_peft
 from tucker_peft import TuckerLoraCallback, TuckerLoraConfig, TuckerOptimizer
 
-from .conftest import Regression
+from .conftest import Regression, loop_model, reproducible_bert, token_task, train_steps
 from .conftest import trainer_args as _args
-from .ddp_worker import tiny_bert as _bert
-
-
-def _token_task(n=96, seed=0):
-    """Label 1 iff token 7 occurs in the sequence: learnable by a tiny BERT in a few dozen steps."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        ids = torch.randint(10, 60, (12,), generator=g)
-        label = int(torch.rand((), generator=g) < 0.5)
-        if label:
-            ids[torch.randint(0, 12, (1,), generator=g)] = 7
-        rows.append(
-            {"input_ids": ids, "attention_mask": torch.ones(12, dtype=torch.long), "labels": torch.tensor(label)}
-        )
-    return rows
 
 
 def test_trainer_with_only_the_callback(tmp_path):
-    model = get_peft_model(_bert(), TuckerLoraConfig(task_type="SEQ_CLS", r=6, tau=0.1))
+    model = get_peft_model(reproducible_bert(), TuckerLoraConfig(task_type="SEQ_CLS", r=6, tau=0.1))
     classifier_before = model.base_model.model.classifier.modules_to_save["default"].weight.detach().clone()
     args = _args(tmp_path, learning_rate=1e-2, max_steps=60)
-    trainer = Trainer(model=model, args=args, train_dataset=_token_task(), callbacks=[TuckerLoraCallback()])
+    trainer = Trainer(model=model, args=args, train_dataset=token_task(), callbacks=[TuckerLoraCallback()])
     assert isinstance(trainer.callback_handler.callbacks[0], TuckerLoraCallback)  # runs before the reporters
     trainer.train()
 
@@ -83,28 +67,14 @@ def test_planted_rank_through_the_trainer(tmp_path):
     assert trainer.state.log_history[-2]["loss"] < 1e-3
 
 
-def _train_steps(tmp_path, max_steps, resume=None, save_steps=None):
-    model = get_peft_model(_bert(), TuckerLoraConfig(task_type="SEQ_CLS", r=6, tau=0.1))
-    args = _args(
-        tmp_path,
-        max_steps=max_steps,
-        save_strategy="steps" if save_steps else "no",
-        save_steps=save_steps or 500,
-        per_device_train_batch_size=8,
-    )
-    trainer = Trainer(model=model, args=args, train_dataset=_token_task(), callbacks=[TuckerLoraCallback()])
-    trainer.train(resume_from_checkpoint=resume)
-    return model
-
-
 def test_resume_from_checkpoint_continues_exactly(tmp_path):
-    straight = _train_steps(tmp_path / "straight", 6)
-    _train_steps(tmp_path / "split", 6, save_steps=3)
+    straight = train_steps(tmp_path / "straight", 6)
+    train_steps(tmp_path / "split", 6, save_steps=3)
     checkpoint = tmp_path / "split" / "checkpoint-3"
     saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
     assert "tucker_peft" in saved and saved["tucker_peft"]["state"]
     assert json.loads((checkpoint / "adapter_config.json").read_text())["module_ranks"]
-    resumed = _train_steps(tmp_path / "split", 6, resume=str(checkpoint), save_steps=3)
+    resumed = train_steps(tmp_path / "split", 6, resume=str(checkpoint), save_steps=3)
     assert tucker_peft.current_ranks(resumed) == tucker_peft.current_ranks(straight)
     assert set(tucker_peft.current_ranks(straight).values()) != {(6, 6)}
     for (n, p), (_, q) in zip(straight.named_parameters(), resumed.named_parameters()):
@@ -113,11 +83,11 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path):
 
 
 def test_bf16_autocast_training(tmp_path):
-    model = get_peft_model(_bert(), TuckerLoraConfig(task_type="SEQ_CLS", r=6))
+    model = get_peft_model(reproducible_bert(), TuckerLoraConfig(task_type="SEQ_CLS", r=6))
     trainer = Trainer(
         model=model,
         args=_args(tmp_path, bf16=True, max_steps=10),
-        train_dataset=_token_task(),
+        train_dataset=token_task(),
         callbacks=[TuckerLoraCallback()],
     )
     trainer.train()
@@ -129,14 +99,8 @@ def test_bf16_autocast_training(tmp_path):
     assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
 
 
-def _loop_model(seed=0):
-    model = get_peft_model(_bert(seed), TuckerLoraConfig(task_type="SEQ_CLS", r=6, tau=0.1))
-    batch = {k: torch.stack([r[k] for r in _token_task(16)]) for k in ("input_ids", "attention_mask", "labels")}
-    return model, batch
-
-
 def test_fp16_grad_scaler_skips_overflow_for_the_factors():
-    model, batch = _loop_model()
+    model, batch = loop_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     tucker = tucker_peft.attach(optimizer, model)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
@@ -145,7 +109,7 @@ def test_fp16_grad_scaler_skips_overflow_for_the_factors():
         optimizer.zero_grad()
         scaler.scale(model(**batch).loss).backward()
         if overflow:
-            tucker._layers[2].factors("default")[0].grad[0, 0] = float("inf")
+            list(tucker.layers().values())[2].factors("default")[0].grad[0, 0] = float("inf")
         scaler.unscale_(optimizer)  # unscales the factors' gradients too: they are in the optimizer's groups
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         scaler.step(optimizer)
@@ -170,7 +134,7 @@ def test_scaled_gradients_are_unscaled_before_the_update():
     """The same step with a GradScaler (no overflow) and without one gives the same factors."""
     results = []
     for use_scaler in (False, True):
-        model, batch = _loop_model()
+        model, batch = loop_model()
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
         tucker_peft.attach(optimizer, model)
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, enabled=use_scaler)
@@ -186,7 +150,7 @@ def test_accelerate_loop_with_accumulation_equals_one_big_batch():
     from accelerate.state import AcceleratorState
 
     def run(accumulate):
-        model, batch = _loop_model()
+        model, batch = loop_model()
         model.double()  # fp64: the comparison is about the accumulation logic, not fp32 round-off through Adam/SVD
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         tucker_peft.attach(optimizer, model)  # the one extra line, before prepare
@@ -212,7 +176,7 @@ def test_accelerate_loop_with_accumulation_equals_one_big_batch():
 
 
 def test_optimizer_state_dict_carries_the_update_state():
-    model, batch = _loop_model()
+    model, batch = loop_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     tucker = tucker_peft.attach(optimizer, model)
     model(**batch).loss.backward()
@@ -240,12 +204,12 @@ def test_optimizer_state_dict_carries_the_update_state():
 def test_misuse_is_refused():
     with pytest.raises(ValueError, match="needs a model with Tucker adapters"):
         Trainer(
-            model=_bert(),
+            model=reproducible_bert(),
             args=_args("/tmp/tucker-misuse"),
-            train_dataset=_token_task(),
+            train_dataset=token_task(),
             callbacks=[TuckerLoraCallback()],
         )
-    model, batch = _loop_model()
+    model, batch = loop_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     tucker_peft.attach(optimizer, model)
     with pytest.raises(RuntimeError, match="already called"):
@@ -254,7 +218,7 @@ def test_misuse_is_refused():
         TuckerOptimizer(model)
     # a custom loop whose base optimizer also steps the factors: refused before its step (tests/test_reliability.py);
     # factors changed by hand behind the update's back: refused at the next geometric step
-    model, batch = _loop_model(1)
+    model, batch = loop_model(1)
     tucker = TuckerOptimizer(model, lr=1e-2)
     model(**batch).loss.backward()
     with torch.no_grad():
@@ -264,7 +228,7 @@ def test_misuse_is_refused():
 
 
 def test_attach_with_optimizer_built_from_the_other_parameters():
-    model, batch = _loop_model()
+    model, batch = loop_model()
     optimizer = torch.optim.AdamW(tucker_peft.non_tucker_parameters(model), lr=1e-2)
     tucker = tucker_peft.attach(optimizer, model)
     assert len(optimizer.param_groups) == 2  # the factors were added so that unscale_/schedulers see them
@@ -274,7 +238,7 @@ def test_attach_with_optimizer_built_from_the_other_parameters():
 
 
 def test_detach_removes_the_update_and_releases_the_factors():
-    model, batch = _loop_model()
+    model, batch = loop_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     tucker_peft.attach(optimizer, model)
     model(**batch).loss.backward()

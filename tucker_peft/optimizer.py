@@ -7,7 +7,7 @@ head, ``modules_to_save``) is trained by an ordinary optimizer that must not hol
 (:func:`non_tucker_parameters` gives its parameters).
 
 One :meth:`TuckerOptimizer.step` performs, for every layer that received a gradient, the parallel integrator of
-ALGORITHM.md §2-4 (:mod:`tucker_peft.geometry`): K-steps and basis augmentation for every mode from the same
+docs/algorithm.md §2-4 (:mod:`tucker_peft.geometry`): K-steps and basis augmentation for every mode from the same
 gradients, the augmented core by blocks, and HOSVD truncation with relative tolerance ``tau``.  The scale
 ``alpha / r`` of the layers never changes.
 
@@ -26,7 +26,7 @@ Step directions (``direction=``):
   form ``v <- v (P_i * P_i)`` (elementwise square: a convex combination, since the columns of ``P_i`` have unit
   norm), which keeps ``v`` positive and of the right scale, unlike the square of ``sqrt(v) |P_i|``.
 
-Rank decisions (ALGORITHM.md §4, "when to decide"):
+Rank decisions (docs/algorithm.md §4):
 
 - a step that carries no information about ranks changes none: ``lr = 0`` (the first step of a linear warmup) or a
   zero augmented core (all-zero gradients at a zero core).  The old directions are kept as they are;
@@ -292,6 +292,10 @@ class TuckerOptimizer(Optimizer):
     def ranks(self) -> dict[str, tuple[int, ...]]:
         """Current ranks per adapted layer."""
         return {g["name"]: layer.ranks(self.adapter_name) for g, layer in zip(self.param_groups, self._layers)}
+
+    def layers(self) -> dict[str, TuckerLayer]:
+        """The Tucker layers this update trains, by name (as in ``ranks()`` and ``module_ranks``)."""
+        return {g["name"]: layer for g, layer in zip(self.param_groups, self._layers)}
 
     def num_adapter_parameters(self) -> int:
         """Current number of Tucker adapter parameters (cores and factors at their active ranks)."""
