@@ -42,9 +42,7 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
                 "tucker_peft.save_adapter or PeftModel.save_pretrained."
             )
     config = PeftConfig.from_pretrained(directory)  # a TuckerLoraConfig, or another PEFT method's (e.g. LoRA)
-    state = load_file(os.path.join(directory, WEIGHTS_NAME))
-    if state and all(key.startswith(_PEFT_MODEL_PREFIX) for key in state):
-        state = {key.removeprefix(_PEFT_MODEL_PREFIX): value for key, value in state.items()}
+    state = _read_weights(directory)
     modules = {name for name, _ in model.named_modules()}
     strangers = [key for key in state if _owning_module(key) not in modules]
     if strangers:
@@ -56,10 +54,31 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
         model.add_adapter(config, adapter_name=adapter_name)
     else:
         inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    _set_weights(model, state, directory, adapter_name)
+    return model
+
+
+def load_adapter_weights(model: nn.Module, directory: str, adapter_name: str = "default") -> nn.Module:
+    """Load the weights saved in ``directory`` into the adapter ``adapter_name`` that ``model`` already has (e.g. a
+    training checkpoint); a Tucker adapter created fresh takes the checkpoint's ranks."""
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: expected a folder written by tucker_peft.save_adapter.")
+    _set_weights(model, _read_weights(directory), directory, adapter_name)
+    return model
+
+
+def _read_weights(directory: str) -> dict:
+    state = load_file(os.path.join(directory, WEIGHTS_NAME))
+    if state and all(key.startswith(_PEFT_MODEL_PREFIX) for key in state):  # a PeftModel's save_pretrained
+        state = {key.removeprefix(_PEFT_MODEL_PREFIX): value for key, value in state.items()}
+    return state
+
+
+def _set_weights(model: nn.Module, state: dict, directory: str, adapter_name: str) -> None:
     result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
     if getattr(result, "unexpected_keys", None):
         raise ValueError(f"{directory}: tensors that match no adapter parameter: {result.unexpected_keys[:5]}")
-    return model
 
 
 def _owning_module(key: str) -> str:

@@ -39,60 +39,69 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 import tucker_peft
-from tucker_peft.adapters_io import save_adapter
+from tucker_peft.adapters_io import load_adapter_weights, save_adapter
 
 logger = logging.getLogger("train_dreambooth_tucker")
 
-UNET_TARGETS = [
-    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-    "time_emb_proj", "conv1", "conv2", "conv_shortcut",
-]  # fmt: skip
+#: attention and feed-forward linears, ResNet convolutions and time projections of the UNet
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+UNET_TARGETS += ["time_emb_proj", "conv1", "conv2", "conv_shortcut"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pretrained_model_name_or_path", required=True)
-    p.add_argument("--revision", default=None)
-    p.add_argument("--instance_data_dir", required=True)
-    p.add_argument("--instance_prompt", required=True)
-    p.add_argument("--class_data_dir", default=None)
-    p.add_argument("--class_prompt", default=None)
-    p.add_argument("--with_prior_preservation", action="store_true")
-    p.add_argument("--prior_loss_weight", type=float, default=1.0)
-    p.add_argument("--num_class_images", type=int, default=100)
-    p.add_argument("--train_text_encoder", action="store_true")
-    p.add_argument("--resolution", type=int, default=512)
-    p.add_argument("--center_crop", action="store_true")
-    p.add_argument("--train_batch_size", type=int, default=4)
-    p.add_argument("--sample_batch_size", type=int, default=4)
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    p.add_argument("--max_train_steps", type=int, default=500)
-    p.add_argument("--learning_rate", type=float, default=1e-4)
-    p.add_argument("--lr_scheduler", default="constant")
-    p.add_argument("--lr_warmup_steps", type=int, default=0)
-    p.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    p.add_argument("--max_grad_norm", type=float, default=1.0)
-    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
-    p.add_argument("--checkpointing_steps", type=int, default=500)
-    p.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint folder, or "latest"')
-    p.add_argument("--validation_prompt", default=None)
-    p.add_argument("--num_validation_images", type=int, default=4)
-    p.add_argument("--validation_steps", type=int, default=None, help="also validate every N steps")
-    p.add_argument("--num_inference_steps", type=int, default=25)
-    p.add_argument("--output_dir", default="dreambooth-tucker")
-    p.add_argument("--push_to_hub", action="store_true")
-    p.add_argument("--hub_model_id", default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--report_to", default="tensorboard")
-    p.add_argument("--dataloader_num_workers", type=int, default=0)
+    p.add_argument(
+        "--pretrained_model_name_or_path", required=True, help="Stable Diffusion model id on the Hub or local folder."
+    )
+    p.add_argument("--revision", default=None, help="Revision (branch, tag, commit) of the pretrained model.")
+    p.add_argument("--instance_data_dir", required=True, help="Folder with the photos of the subject.")
+    p.add_argument("--instance_prompt", required=True, help='Prompt naming the subject, e.g. "a photo of sks dog".')
+    p.add_argument("--class_data_dir", default=None, help="Folder of class images (prior preservation).")
+    p.add_argument("--class_prompt", default=None, help='Prompt of the class, e.g. "a photo of a dog".')
+    p.add_argument(
+        "--with_prior_preservation", action="store_true", help="Add the prior-preservation loss on class images."
+    )
+    p.add_argument("--prior_loss_weight", type=float, default=1.0, help="Weight of the prior-preservation loss.")
+    p.add_argument(
+        "--num_class_images", type=int, default=100, help="Class images to have; missing ones are generated."
+    )
+    p.add_argument("--train_text_encoder", action="store_true", help="Also adapt the text encoder.")
+    p.add_argument("--resolution", type=int, default=512, help="Training resolution (images are resized).")
+    p.add_argument("--center_crop", action="store_true", help="Center-crop instead of a random crop.")
+    p.add_argument("--train_batch_size", type=int, default=4, help="Batch size per device.")
+    p.add_argument("--sample_batch_size", type=int, default=4, help="Batch size when generating class images.")
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
+    p.add_argument("--max_train_steps", type=int, default=500, help="Optimizer steps to train.")
+    p.add_argument("--learning_rate", type=float, default=1e-4, help="Peak learning rate (adapters and the update).")
+    p.add_argument("--lr_scheduler", default="constant", help="diffusers scheduler name: constant, linear, cosine...")
+    p.add_argument("--lr_warmup_steps", type=int, default=0, help="Warmup steps of the scheduler.")
+    p.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay (the core only).")
+    p.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
+    p.add_argument(
+        "--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="accelerate's mixed precision."
+    )
+    p.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N steps.")
+    p.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder, or "latest".')
+    p.add_argument("--validation_prompt", default=None, help="Prompt of the validation images.")
+    p.add_argument("--num_validation_images", type=int, default=4, help="Validation images per validation.")
+    p.add_argument("--validation_steps", type=int, default=None, help="Also validate every N steps.")
+    p.add_argument("--num_inference_steps", type=int, default=25, help="Denoising steps of validation images.")
+    p.add_argument("--output_dir", default="dreambooth-tucker", help="Where adapters, checkpoints and images go.")
+    p.add_argument("--push_to_hub", action="store_true", help="Upload the output folder to the Hub at the end.")
+    p.add_argument("--hub_model_id", default=None, help="Hub repository (default: the output folder's name).")
+    p.add_argument("--seed", type=int, default=None, help="Seed of training and validation images.")
+    p.add_argument("--report_to", default="tensorboard", help='accelerate tracker ("tensorboard", "wandb", "none").')
+    p.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
     # adapters
-    p.add_argument("--method", choices=["tucker", "lora"], default="tucker")
-    p.add_argument("--rank", type=int, default=8, help="initial rank (tucker) or rank (lora)")
-    p.add_argument("--max_rank", type=int, default=32)
-    p.add_argument("--tau", type=float, default=0.1)
-    p.add_argument("--alpha", type=float, default=None, help="scale numerator; default: the rank")
-    p.add_argument("--conv_mode", choices=["channels", "full"], default="channels")
+    p.add_argument("--method", choices=["tucker", "lora"], default="tucker", help="Tucker adapters, or PEFT LoRA.")
+    p.add_argument("--rank", type=int, default=8, help="Initial rank (tucker) or rank (lora).")
+    p.add_argument("--max_rank", type=int, default=32, help="tucker: largest rank per mode.")
+    p.add_argument("--tau", type=float, default=0.1, help="tucker: relative truncation tolerance.")
+    p.add_argument("--alpha", type=float, default=None, help="Scale numerator; default: the rank.")
+    p.add_argument(
+        "--conv_mode", choices=["channels", "full"], default="channels", help="tucker: how convolutions factorize."
+    )
     args = p.parse_args(argv)
     if args.with_prior_preservation and (args.class_data_dir is None or args.class_prompt is None):
         p.error("--with_prior_preservation needs --class_data_dir and --class_prompt")
@@ -164,9 +173,13 @@ def collate(items, with_prior):
 def adapter_config(args, targets):
     if args.method == "tucker":
         return tucker_peft.TuckerLoraConfig(
-            r=args.rank, max_rank=max(args.max_rank, args.rank), tau=args.tau, alpha=args.alpha,
-            conv_mode=args.conv_mode, target_modules=targets,
-        )  # fmt: skip
+            r=args.rank,
+            max_rank=max(args.max_rank, args.rank),
+            tau=args.tau,
+            alpha=args.alpha,
+            conv_mode=args.conv_mode,
+            target_modules=targets,
+        )
     from peft import LoraConfig
 
     return LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=targets, init_lora_weights="gaussian")
@@ -203,16 +216,20 @@ def log_validation(args, accelerator, unet, text_encoder, step):
     """Generate ``--num_validation_images`` for ``--validation_prompt`` with the current adapters; save a PNG grid."""
     from diffusers import StableDiffusionPipeline
 
+    logger.info("Running validation: %d images of %r", args.num_validation_images, args.validation_prompt)
     pipe = StableDiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, unet=accelerator.unwrap_model(unet),
-        text_encoder=accelerator.unwrap_model(text_encoder), revision=args.revision, safety_checker=None,
-    )  # fmt: skip
+        args.pretrained_model_name_or_path,
+        unet=accelerator.unwrap_model(unet),
+        text_encoder=accelerator.unwrap_model(text_encoder),
+        revision=args.revision,
+        safety_checker=None,
+    )
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator(device="cpu").manual_seed(args.seed or 0)
+    size = {"height": args.resolution, "width": args.resolution, "num_inference_steps": args.num_inference_steps}
     images = [
-        pipe(args.validation_prompt, height=args.resolution, width=args.resolution, num_inference_steps=args.num_inference_steps, generator=generator).images[0]
-        for _ in range(args.num_validation_images)
-    ]  # fmt: skip
+        pipe(args.validation_prompt, generator=generator, **size).images[0] for _ in range(args.num_validation_images)
+    ]
     cols = min(4, len(images))
     rows = math.ceil(len(images) / cols)
     grid = Image.new("RGB", (cols * images[0].width, rows * images[0].height))
@@ -282,27 +299,34 @@ def main(argv=None):
         while loaded_models:
             model = accelerator.unwrap_model(loaded_models.pop())
             name = "unet" if isinstance(model, UNet2DConditionModel) else "text_encoder"
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
-
-            state = load_file(os.path.join(input_dir, name, "adapter_model.safetensors"))
-            set_peft_model_state_dict(model, state)  # a fresh adapter takes the checkpoint's ranks
+            load_adapter_weights(model, os.path.join(input_dir, name))  # the adapter takes the checkpoint's ranks
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
 
+    prior = args.with_prior_preservation
     dataset = DreamBoothDataset(
-        args.instance_data_dir, args.instance_prompt, tokenizer, args.resolution, args.center_crop,
-        args.class_data_dir if args.with_prior_preservation else None, args.class_prompt if args.with_prior_preservation else None,
-    )  # fmt: skip
+        args.instance_data_dir,
+        args.instance_prompt,
+        tokenizer,
+        args.resolution,
+        args.center_crop,
+        args.class_data_dir if prior else None,
+        args.class_prompt if prior else None,
+    )
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.train_batch_size, shuffle=True, num_workers=args.dataloader_num_workers,
-        collate_fn=lambda items: collate(items, args.with_prior_preservation),
-    )  # fmt: skip
+        dataset,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        num_workers=args.dataloader_num_workers,
+        collate_fn=lambda items: collate(items, prior),
+    )
     lr_scheduler = get_scheduler(
-        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=args.max_train_steps * accelerator.num_processes,
-    )  # fmt: skip
+    )
     prepared = accelerator.prepare(*models, optimizer, loader, lr_scheduler)
     models, (optimizer, loader, lr_scheduler) = list(prepared[: len(models)]), prepared[len(models) :]
     unet = models[0]
@@ -326,6 +350,16 @@ def main(argv=None):
             accelerator.load_state(folder)
             global_step = int(os.path.basename(folder.rstrip("/")).split("-")[1])
 
+    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info("***** Running training *****")
+    logger.info("  Num examples = %d", len(dataset))
+    logger.info("  Instantaneous batch size per device = %d", args.train_batch_size)
+    logger.info("  Total train batch size (w. parallel, distributed & accumulation) = %d", total_batch)
+    logger.info("  Gradient Accumulation steps = %d", args.gradient_accumulation_steps)
+    logger.info("  Total optimization steps = %d", args.max_train_steps)
+    logger.info("  Trainable adapter parameters = %d", sum(p.numel() for p in params))
+    if global_step:
+        logger.info("  Resuming from step %d", global_step)
     progress = tqdm(
         range(global_step, args.max_train_steps), disable=not accelerator.is_local_main_process, desc="Steps"
     )
@@ -375,7 +409,8 @@ def main(argv=None):
             accelerator.log(logs, step=global_step)
             if accelerator.is_main_process and global_step % args.checkpointing_steps == 0:
                 accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{global_step}"))
-            if args.validation_prompt and args.validation_steps and global_step % args.validation_steps == 0:
+            validate = args.validation_prompt and args.validation_steps and global_step % args.validation_steps == 0
+            if validate and accelerator.is_main_process:  # images are written by the main process only
                 log_validation(args, accelerator, unet, text_encoder, global_step)
             if global_step >= args.max_train_steps:
                 break
