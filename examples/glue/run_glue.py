@@ -96,6 +96,12 @@ class ModelArguments:
     alpha: float = field(default=8.0, metadata={"help": "Adapter scale numerator (tucker alpha, lora_alpha)."})
     adapter_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input."})
     direction: str = field(default="adam", metadata={"help": "tucker: 'adam' or 'sgd' step direction."})
+    adaptive_scale: str = field(
+        default="auto", metadata={"help": "tucker: factor of the core's Adam step, 'auto' or a number."}
+    )
+    rank_warmup: int = field(default=0, metadata={"help": "tucker: steps at the initial ranks before deciding."})
+    rank_interval: int = field(default=1, metadata={"help": "tucker: a rank decision every N steps."})
+    rank_headroom: int = field(default=1, metadata={"help": "tucker: ranks held between decisions (x decided)."})
     adalora_target_r: int = field(default=4, metadata={"help": "adalora: average final rank."})
     ignore_mismatched_sizes: bool = field(
         default=False, metadata={"help": "Re-initialise a classifier head whose size differs from num_labels."}
@@ -296,7 +302,16 @@ def main(argv: list[str] | None = None) -> dict:
     if model_args.method == "adalora":
         callbacks.append(AdaLoraCallback())
     elif model_args.method == "tucker":
-        callbacks.append(tucker_peft.TuckerLoraCallback(direction=model_args.direction))
+        scale = model_args.adaptive_scale
+        callbacks.append(
+            tucker_peft.TuckerLoraCallback(
+                direction=model_args.direction,
+                adaptive_scale=scale if scale == "auto" else float(scale),
+                rank_warmup=model_args.rank_warmup,
+                rank_interval=model_args.rank_interval,
+                rank_headroom=model_args.rank_headroom,
+            )
+        )
     start = adapter_summary(model, model_args.method)
 
     compute = metric_function(task)
