@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 
 import pytest
@@ -195,23 +196,33 @@ def test_rank_schedule_arguments_are_checked():
 
 
 def test_state_dict_of_an_older_version_still_loads():
-    """Saved before the rank-schedule settings existed: the groups lack them; loading fills in the defaults."""
+    """Saved by an older version: groups without the rank-schedule settings, every moment in the core's entry
+    (``exp_avg_core``, ``exp_avg_K0``, ...). Loading fills in the settings and moves the moments to torch's layout."""
     base, dstar, x, y = _planted()
     model = get_peft_model(Net(base), TuckerLoraConfig(target_modules=["layer"], r=8, alpha=8))
     opt = TuckerOptimizer(model, lr=1e-3)
     (0.5 * ((model(x[:64]) - y[:64]) ** 2).sum(1).mean()).backward()
     opt.step()
-    state = opt.state_dict()
+    current = copy.deepcopy(opt.state_dict())
+    state = copy.deepcopy(current)
     for group in state["param_groups"]:
         for key in ("rank_warmup", "rank_interval", "rank_headroom", "reference_size"):
             del group[key]
-    for st in state["state"].values():
-        del st["decided_ranks"]
+        core, *factors = group["params"]
+        old = {"step": state["state"][core]["step"]}
+        for name, index in [("core", core), *((f"K{i}", f) for i, f in enumerate(factors))]:
+            moments = state["state"].pop(index)
+            old[f"exp_avg_{name}"], old[f"exp_avg_sq_{name}"] = moments["exp_avg"], moments["exp_avg_sq"]
+        state["state"][core] = old
     del opt
     gc.collect()
     fresh = TuckerOptimizer(model, lr=1e-3)
     fresh.load_state_dict(state)
     assert fresh.param_groups[0]["reference_size"] == 8 * (40 + 48)
+    loaded = fresh.state_dict()["state"]
+    for index, moments in current["state"].items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(loaded[index][key], moments[key])
     fresh.zero_grad()
     (0.5 * ((model(x[64:128]) - y[64:128]) ** 2).sum(1).mean()).backward()
     fresh.step()  # runs with the filled-in settings

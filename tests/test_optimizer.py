@@ -153,22 +153,24 @@ class StaleMomentsOptimizer(TuckerOptimizer):
     """The defect we must not have: moments padded and cut by index, left in the old coordinates."""
 
     @staticmethod
-    def _transport_moments(state, projections, old_ranks, augmented_shape):
-        out = {}
-        for key, value in state.items():
-            if key == "step":
-                out[key] = value
-                continue
-            ks = [p.shape[-1] for p in projections]
-            if key.endswith("_core"):
-                padded = value.new_zeros(value.shape[0], *augmented_shape)
-                padded[(slice(None), *(slice(0, s) for s in value.shape[1:]))] = value
-                out[key] = padded[(slice(None), *(slice(0, k) for k in ks))]
-            else:
-                i = int(key[-1])
-                padded = value.new_zeros(value.shape[0], value.shape[1], augmented_shape[i])
-                padded[:, :, : old_ranks[i]] = value
-                out[key] = padded[:, :, : ks[i]]
+    def _transport_moments(moments, projections, old_ranks, augmented_shape):
+        if moments is None:
+            return None
+        ks = [p.shape[-1] for p in projections]
+        out = []
+        for index, pair in enumerate(moments):
+            cut = []
+            for value in pair:
+                if index == 0:  # the core
+                    padded = value.new_zeros(value.shape[0], *augmented_shape)
+                    padded[(slice(None), *(slice(0, s) for s in value.shape[1:]))] = value
+                    cut.append(padded[(slice(None), *(slice(0, k) for k in ks))])
+                else:
+                    i = index - 1
+                    padded = value.new_zeros(value.shape[0], value.shape[1], augmented_shape[i])
+                    padded[:, :, : old_ranks[i]] = value
+                    cut.append(padded[:, :, : ks[i]])
+            out.append(tuple(cut))
         return out
 
 

@@ -59,6 +59,7 @@ import math
 import warnings
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -81,6 +82,38 @@ ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 #: per optimizer, the parameter layout last found free of Tucker factors (the check then costs one comparison a step)
 _CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _GLOBAL_HOOK = None
+
+
+@dataclass
+class _Batch:
+    """Phase 1 of a step for layers of equal shapes (stacked along a leading dimension ``B``), on the device."""
+
+    members: list[tuple[dict, TuckerLayer]]
+    finite: torch.Tensor  # (B,) gradients and result finite
+    ct: torch.Tensor  # augmented cores
+    factors: list[torch.Tensor]  # augmented bases Ut_i
+    svds: list[tuple[torch.Tensor, torch.Tensor]]  # per mode: left singular vectors P_i, singular values
+    norm: torch.Tensor  # (B,) ||Ct||_F
+    step: int
+    moments: list[tuple[torch.Tensor, torch.Tensor]] | None  # Adam (exp_avg, exp_avg_sq) of C, K_0, K_1, ...
+    old_ranks: list[int]
+    decided: list[list[int] | None]  # per layer, the ranks of the last decision
+    decide: bool  # a rank decision is due
+    frozen: bool  # lr = 0: no rank information
+
+
+@dataclass
+class _Decision:
+    """The ranks one layer keeps after a step (host arithmetic, :meth:`TuckerOptimizer._rank_decisions`)."""
+
+    layer: TuckerLayer
+    ranks: list[int]
+    decided: list[int]
+    frozen: bool
+    decide: bool
+    sigmas: list[list[float]]
+    dense: tuple[int, ...]
+    min_rank: int
 
 
 def _owner(param: torch.Tensor) -> TuckerOptimizer | None:
@@ -335,10 +368,10 @@ class TuckerOptimizer(Optimizer):
         plans = [self._augment(members) for members in batches.values()]
 
         # the one host synchronisation of the step: finiteness and every layer's singular values
-        device_values = [torch.stack([plan["finite"].all() for plan in plans]).to(plans[0]["norm"].dtype)]
+        device_values = [torch.stack([plan.finite.all() for plan in plans]).to(plans[0].norm.dtype)]
         for plan in plans:
-            device_values.append(plan["norm"])
-            device_values.extend(sigma.reshape(-1) for _, sigma in plan["svds"])
+            device_values.append(plan.norm)
+            device_values.extend(sigma.reshape(-1) for _, sigma in plan.svds)
         values = torch.cat(device_values)
         if self.distributed:  # every process takes the rank decisions of process 0
             torch.distributed.broadcast(values, src=0)
@@ -356,16 +389,16 @@ class TuckerOptimizer(Optimizer):
         pos = len(plans)
         decisions = []
         for plan in plans:
-            size = len(plan["members"])
+            size = len(plan.members)
             norms = values[pos : pos + size]
             pos += size
             sigmas = []
-            for _, sigma in plan["svds"]:
+            for _, sigma in plan.svds:
                 k = sigma.shape[1]
                 sigmas.append([values[pos + b * k : pos + (b + 1) * k] for b in range(size)])
                 pos += size * k
             decisions.append(self._rank_decisions(plan, norms, sigmas))
-        if self.budget is not None and any(plan["decide"] for plan in plans):
+        if self.budget is not None and any(plan.decide for plan in plans):
             self._fit_budget(plans, decisions)
         for plan, decision in zip(plans, decisions):
             self._truncate(plan, decision)
@@ -434,7 +467,7 @@ class TuckerOptimizer(Optimizer):
             p.grad = flat[offset : offset + n].view_as(p) / world if count > 0 else None
             offset += n
 
-    def _augment(self, members: list[tuple[dict, TuckerLayer]]) -> dict:
+    def _augment(self, members: list[tuple[dict, TuckerLayer]]) -> _Batch:
         """Phase 1 for a batch of equally shaped layers, on the device: directions, moments, augmented bases and
         cores, SVDs of ``Ct``.  Nothing is written to the layers or the optimizer state here."""
         group = members[0][0]
@@ -455,21 +488,24 @@ class TuckerOptimizer(Optimizer):
         polars = [geometry.unfolding_polar(core, i, rcond) for i in range(d)]
         k_grads = [geometry.k_gradient(g, r_pinv) for g, (_, _, r_pinv) in zip(g_factors, polars)]
 
-        states = [self.state[g["params"][0]] for g, _ in members]
+        states = [self.state[g["params"][0]] for g, _ in members]  # the core's state holds step and decided ranks
         old = [u.shape[2] for u in factors]
         step = states[0].get("step", 0) + 1
-        new_state = {"step": step}
+        moments = None
         if group["direction"] == "adam":
             beta1, beta2 = group["betas"]
             c1, c2 = 1 - beta1**step, 1 - beta2**step
+            moments = []
 
-            def adam(key: str, grad: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-                if "exp_avg_" + key in states[0]:
-                    m = torch.stack([st["exp_avg_" + key] for st in states]) * beta1 + (1 - beta1) * grad
-                    v = torch.stack([st["exp_avg_sq_" + key] for st in states]) * beta2 + (1 - beta2) * grad * grad
+            def adam(index: int, grad: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+                # moments of params[index] of every member: torch's layout, self.state[param]["exp_avg"/"exp_avg_sq"]
+                previous = [self.state[g["params"][index]] for g, _ in members]
+                if "exp_avg" in previous[0]:
+                    m = torch.stack([st["exp_avg"] for st in previous]) * beta1 + (1 - beta1) * grad
+                    v = torch.stack([st["exp_avg_sq"] for st in previous]) * beta2 + (1 - beta2) * grad * grad
                 else:
                     m, v = (1 - beta1) * grad, (1 - beta2) * grad * grad
-                new_state["exp_avg_" + key], new_state["exp_avg_sq_" + key] = m, v
+                moments.append((m, v))
                 return scale * (m / c1) / ((v / c2).sqrt() + group["eps"])
 
             scale = group["adaptive_scale"]
@@ -481,11 +517,11 @@ class TuckerOptimizer(Optimizer):
                         for (g, _), st in zip(members, states)
                     ]
                 ).reshape(-1, *([1] * d), *([1] * (core.dim() - d - 1)))
-            dir_core = adam("core", g_core, scale)
+            dir_core = adam(0, g_core, scale)
             # only the part of a K-step orthogonal to U reaches the update (the part inside span(U) is the core's
             # step), so the moments see only that part: the in-span gradient would inflate the second moment
             normal = [k - u @ (u.transpose(-1, -2) @ k) for u, k in zip(factors, k_grads)]
-            dir_factors = [adam(f"K{i}", k) for i, k in enumerate(normal)]
+            dir_factors = [adam(1 + i, k) for i, k in enumerate(normal)]
         else:
             dir_core, dir_factors = g_core, k_grads
 
@@ -507,40 +543,39 @@ class TuckerOptimizer(Optimizer):
             new_blocks.append(block)
             augmented.append(u_aug)
         ct = geometry.augmented_core(old_block, new_blocks, d)
-        return {
-            "members": members,
-            "finite": finite,
-            "ct": ct,
-            "factors": augmented,
-            "svds": geometry.mode_svds(ct, d),
-            "norm": torch.linalg.norm(ct.flatten(1), dim=1),
-            "state": new_state,
-            "old_ranks": old,
-            "decided": [st.get("decided_ranks") for st in states],
-            "decide": lam > 0
+        return _Batch(
+            members=members,
+            finite=finite,
+            ct=ct,
+            factors=augmented,
+            svds=geometry.mode_svds(ct, d),
+            norm=torch.linalg.norm(ct.flatten(1), dim=1),
+            step=step,
+            moments=moments,
+            old_ranks=old,
+            decided=[st.get("decided_ranks") for st in states],
+            decide=lam > 0
             and step > group["rank_warmup"]
             and (step - group["rank_warmup"]) % group["rank_interval"] == 0,
-            "frozen": lam == 0,
-        }
+            frozen=lam == 0,
+        )
 
-    def _rank_decisions(self, plan: dict, norms: list[float], sigmas: list[list[list[float]]]) -> list[dict]:
+    def _rank_decisions(self, plan: _Batch, norms: list[float], sigmas: list[list[list[float]]]) -> list[_Decision]:
         """Per layer of a batch: the ranks to keep (host arithmetic on the synchronised singular values).
 
         Three kinds of steps: a rank decision (ranks by the tolerance ``tau``), a step between decisions (ranks held
         at the working rank ``min(headroom * decided, max_rank)``, the leading singular directions kept), and a step
         that carries no information about ranks (``lr = 0`` or a zero augmented core): the old directions are kept
         as they are (identity projections), so neither the ranks nor the moments change."""
-        d = len(plan["factors"])
-        dense = tuple(plan["ct"].shape[d + 1 :])
-        old_ranks = plan["old_ranks"]
+        dense = tuple(plan.ct.shape[len(plan.factors) + 1 :])
         out = []
-        for b, (group, layer) in enumerate(plan["members"]):
-            decided = plan["decided"][b] or old_ranks
-            frozen = plan["frozen"] or not norms[b] > 0
+        for b, (group, layer) in enumerate(plan.members):
+            decided = plan.decided[b] or plan.old_ranks
+            frozen = plan.frozen or not norms[b] > 0
             layer_sigmas = [per_mode[b] for per_mode in sigmas]
             if frozen:
-                ranks = old_ranks
-            elif plan["decide"]:
+                ranks = plan.old_ranks
+            elif plan.decide:
                 ranks = decided = geometry.truncation_ranks(
                     layer_sigmas, group["tau"] * norms[b], group["min_rank"], group["max_rank"], dense
                 )
@@ -551,142 +586,164 @@ class TuckerOptimizer(Optimizer):
                     dense,
                 )
             out.append(
-                {
-                    "ranks": list(ranks),
-                    "decided": list(decided),
-                    "frozen": frozen,
-                    "sigmas": layer_sigmas,
-                    "dense": dense,
-                    "layer": layer,
-                    "min_rank": group["min_rank"],
-                    "decide": plan["decide"] and not frozen,
-                }
+                _Decision(
+                    layer=layer,
+                    ranks=list(ranks),
+                    decided=list(decided),
+                    frozen=frozen,
+                    decide=plan.decide and not frozen,
+                    sigmas=layer_sigmas,
+                    dense=dense,
+                    min_rank=group["min_rank"],
+                )
             )
         return out
 
-    def _fit_budget(self, plans: list[dict], decisions: list[list[dict]]) -> None:
+    def _fit_budget(self, plans: list[_Batch], decisions: list[list[_Decision]]) -> None:
         """Global rank decision under ``budget``: while the adapter would exceed it, drop the direction with the
         smallest singular value times the layer's scale (its share of ``||s dW||``) among all deciding layers."""
         records = [rec for plan_decisions in decisions for rec in plan_decisions]
-        deciding = {id(rec["layer"]) for rec in records}
+        deciding = {id(rec.layer) for rec in records}
         fixed = sum(
             _layer_size(layer, self.adapter_name, layer.ranks(self.adapter_name))
             for layer in self._layers
             if id(layer) not in deciding
         )
-        sizes = [_layer_size(rec["layer"], self.adapter_name, rec["ranks"]) for rec in records]
+        sizes = [_layer_size(rec.layer, self.adapter_name, rec.ranks) for rec in records]
         total = fixed + sum(sizes)
         heap: list[tuple[float, int, int, int]] = []
 
         def push(index: int) -> None:
             rec = records[index]
-            if not rec["decide"]:
+            if not rec.decide:
                 return
-            scale = rec["layer"].scaling[self.adapter_name]
-            for mode, r in enumerate(rec["ranks"]):
-                if r > rec["min_rank"]:
-                    heapq.heappush(heap, (scale * rec["sigmas"][mode][r - 1], index, mode, r))
+            scale = rec.layer.scaling[self.adapter_name]
+            for mode, r in enumerate(rec.ranks):
+                if r > rec.min_rank:
+                    heapq.heappush(heap, (scale * rec.sigmas[mode][r - 1], index, mode, r))
 
         for index in range(len(records)):
             push(index)
         while total > self.budget and heap:
             _, index, mode, r = heapq.heappop(heap)
             rec = records[index]
-            if rec["ranks"][mode] != r:  # stale entry: this mode changed since
+            if rec.ranks[mode] != r:  # stale entry: this mode changed since
                 continue
-            ranks = list(rec["ranks"])
+            ranks = list(rec.ranks)
             ranks[mode] -= 1
-            rec["ranks"] = rec["decided"] = geometry.valid_working_ranks(
-                ranks, [len(s) for s in rec["sigmas"]], rec["dense"]
-            )
-            new_size = _layer_size(rec["layer"], self.adapter_name, rec["ranks"])
+            rec.ranks = rec.decided = geometry.valid_working_ranks(ranks, [len(s) for s in rec.sigmas], rec.dense)
+            new_size = _layer_size(rec.layer, self.adapter_name, rec.ranks)
             total += new_size - sizes[index]
             sizes[index] = new_size
             heap = [entry for entry in heap if entry[1] != index]
             heapq.heapify(heap)
             push(index)
 
-    def _truncate(self, plan: dict, decisions: list[dict]) -> None:
+    def _truncate(self, plan: _Batch, decisions: list[_Decision]) -> None:
         """Phase 2 for a batch: the factors, core and moments are projected on all singular vectors at once
-        (batched), then each layer keeps its leading ``decisions[b]["ranks"]`` of them (identity projections for a
+        (batched), then each layer keeps its leading ``decisions[b].ranks`` of them (identity projections for a
         frozen layer, :meth:`_rank_decisions`)."""
-        members, ct = plan["members"], plan["ct"]
-        old_ranks = plan["old_ranks"]
-        frozen = [rec["frozen"] for rec in decisions]
-        projections = [p for p, _ in plan["svds"]]
+        ct = plan.ct
+        frozen = [rec.frozen for rec in decisions]
+        projections = [p for p, _ in plan.svds]
         if any(frozen):
             mask = torch.tensor(frozen, device=ct.device)[:, None, None]
             projections = [
                 torch.where(mask, torch.eye(p.shape[1], p.shape[2], dtype=p.dtype, device=p.device), p)
                 for p in projections
             ]
-        core, factors = geometry.truncate(ct, plan["factors"], projections)
-        state = self._transport_moments(plan["state"], projections, old_ranks, tuple(ct.shape[1:]))
-        for b, ((group, layer), rec) in enumerate(zip(members, decisions)):
-            ranks = rec["ranks"]
-            keep = tuple(slice(0, r) for r in ranks)
-            layer.set_factors(self.adapter_name, core[b][keep], [u[b, :, :r] for u, r in zip(factors, ranks)])
-            new = {
-                key: value
-                if key == "step"
-                else value[b][keep if key.endswith("_core") else (slice(None), slice(0, ranks[int(key[-1])]))].clone()
-                for key, value in state.items()
-            }
-            new["decided_ranks"] = list(rec["decided"])
-            self.state[group["params"][0]] = new
+        core, factors = geometry.truncate(ct, plan.factors, projections)
+        moments = self._transport_moments(plan.moments, projections, plan.old_ranks, tuple(ct.shape[1:]))
+        for b, ((group, layer), rec) in enumerate(zip(plan.members, decisions)):
+            ranks = rec.ranks
+            keep = [tuple(slice(0, r) for r in ranks), *((slice(None), slice(0, r)) for r in ranks)]
+            layer.set_factors(self.adapter_name, core[b][keep[0]], [u[b, :, :r] for u, r in zip(factors, ranks)])
+            for index, param in enumerate(group["params"]):
+                state = {"step": plan.step, "decided_ranks": list(rec.decided)} if index == 0 else {}
+                if moments is not None:
+                    m, v = moments[index]
+                    state["exp_avg"], state["exp_avg_sq"] = m[b][keep[index]].clone(), v[b][keep[index]].clone()
+                self.state[param] = state
 
     @staticmethod
     def _transport_moments(
-        state: dict[str, Any], projections: list[torch.Tensor], old_ranks: list[int], augmented_shape: tuple[int, ...]
-    ) -> dict[str, Any]:
-        """Carry a batch of Adam moments to the coordinates of the truncated factors (before the per-layer cut).
+        moments: list[tuple[torch.Tensor, torch.Tensor]] | None,
+        projections: list[torch.Tensor],
+        old_ranks: list[int],
+        augmented_shape: tuple[int, ...],
+    ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Carry a batch of Adam moments (of ``C``, ``K_0``, ``K_1``, ...) to the coordinates of the truncated factors,
+        before the per-layer cut.
 
         Augmentation pads with zeros (new directions have no history); truncation applies the same ``P_i`` as the
         factors: ``m <- m P_i``, ``m_C <- m_C x_i P_i^T``, and for second moments the mixing form with ``P_i * P_i``
         (elementwise square).  ``projections`` ``(B, rt_i, k_i)``, moments ``(B, ...)`` at the old ranks.
         """
-        out = {}
-        for key, value in state.items():
-            if key == "step":
-                out[key] = value
-                continue
-            projs = [p * p for p in projections] if key.startswith("exp_avg_sq_") else projections
-            if key.endswith("_core"):
-                padded = value.new_zeros(value.shape[0], *augmented_shape)
-                padded[(slice(None), *(slice(0, s) for s in value.shape[1:]))] = value
-                out[key] = geometry.truncate(padded, [], projs)[0]
-            else:
-                i = int(key[-1])
-                padded = value.new_zeros(value.shape[0], value.shape[1], augmented_shape[i])
-                padded[:, :, : old_ranks[i]] = value
-                out[key] = padded @ projs[i]
+        if moments is None:
+            return None
+        squares = [p * p for p in projections]
+        out = []
+        for index, pair in enumerate(moments):
+            carried = []
+            for value, projs in zip(pair, (projections, squares)):
+                if index == 0:  # the core
+                    padded = value.new_zeros(value.shape[0], *augmented_shape)
+                    padded[(slice(None), *(slice(0, s) for s in value.shape[1:]))] = value
+                    carried.append(geometry.truncate(padded, [], projs)[0])
+                else:  # K_i, mode i = index - 1
+                    i = index - 1
+                    padded = value.new_zeros(value.shape[0], value.shape[1], augmented_shape[i])
+                    padded[:, :, : old_ranks[i]] = value
+                    carried.append(padded @ projs[i])
+            out.append((carried[0], carried[1]))
         return out
 
     # ------------------------------------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load moments and step count; refuses state whose shapes disagree with the current ranks.
 
-        A state saved by an older version (without the rank-schedule settings) gets this optimizer's settings."""
-        super().load_state_dict(state_dict)
+        A state saved by an older version is migrated: without the rank-schedule settings it gets this optimizer's;
+        with all moments in the core's entry (``exp_avg_core``, ``exp_avg_K0``, ...) they move to torch's layout
+        (``state[param]["exp_avg"]``, ``["exp_avg_sq"]`` for ``C`` and each ``U_i``)."""
+        super().load_state_dict(_migrate_state_dict(state_dict))
         for group, layer in zip(self.param_groups, self._layers):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
             group.setdefault("reference_size", lora_reference_size(layer, self.adapter_name))
         problems = []
         for group in self.param_groups:
-            core, *factors = group["params"]
-            for key, value in self.state.get(core, {}).items():
-                if not isinstance(value, torch.Tensor):
-                    continue
-                expected = core.shape if key.endswith("_core") else factors[int(key[-1])].shape
-                if value.shape != expected:
-                    problems.append(f"{group['name']}: {key} {tuple(value.shape)} vs factors {tuple(expected)}")
+            for index, param in enumerate(group["params"]):
+                for key, value in self.state.get(param, {}).items():
+                    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                        name = "C" if index == 0 else f"U_{index - 1}"
+                        problems.append(
+                            f"{group['name']}: {key} of {name} {tuple(value.shape)} vs {tuple(param.shape)}"
+                        )
         if problems:
             raise ValueError(
                 "The optimizer state does not match the current ranks of the adapter:\n  "
                 + "\n  ".join(problems[:5])
                 + "\nLoad the adapter weights saved at the same step (e.g. the same checkpoint) before the optimizer state."
             )
+
+
+def _migrate_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """An older ``TuckerOptimizer.state_dict()`` (every moment in the core's entry, keys ``exp_avg_core``,
+    ``exp_avg_sq_K0``, ...) in torch's layout; a current one is returned as it is."""
+    state = state_dict.get("state", {})
+    if not any(isinstance(st, dict) and "exp_avg_core" in st for st in state.values()):
+        return state_dict
+    migrated = dict(state)
+    for group in state_dict["param_groups"]:
+        core_index, *factor_indices = group["params"]
+        old = state.get(core_index)
+        if not old or "exp_avg_core" not in old:
+            continue
+        migrated[core_index] = {k: v for k, v in old.items() if not k.startswith("exp_avg")}
+        migrated[core_index].update(exp_avg=old["exp_avg_core"], exp_avg_sq=old["exp_avg_sq_core"])
+        for i, index in enumerate(factor_indices):
+            migrated[index] = {"exp_avg": old[f"exp_avg_K{i}"], "exp_avg_sq": old[f"exp_avg_sq_K{i}"]}
+    return {**state_dict, "state": migrated}
 
 
 def _layer_size(layer: TuckerLayer, adapter_name: str, ranks) -> int:
