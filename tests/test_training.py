@@ -256,3 +256,18 @@ def test_detach_removes_the_update_and_releases_the_factors():
     TuckerOptimizer(model)  # the factors are free for a new update
     with pytest.raises(ValueError, match="no geometric update attached"):
         tucker_peft.detach(optimizer)
+
+
+def test_an_attached_optimizer_and_its_model_can_be_collected():
+    import gc
+    import weakref
+
+    model, batch = loop_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    tucker_peft.attach(optimizer, model)
+    model(**batch).loss.backward()
+    optimizer.step()
+    refs = [weakref.ref(optimizer), weakref.ref(model)]
+    del optimizer, model, batch
+    gc.collect()
+    assert all(ref() is None for ref in refs)  # e.g. a seed loop must not keep every run's model alive

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import sys
+import weakref
 from typing import Any
 
 import torch
@@ -168,7 +169,9 @@ class Attachment:
         follow_weight_decay: bool,
         added_group: bool,
     ) -> None:
-        self.optimizer, self.tucker = optimizer, tucker
+        # a weak reference: the registry ATTACHED is keyed by the optimizer, which must stay collectable
+        self._optimizer = weakref.ref(optimizer)
+        self.tucker = tucker
         self._factor_ids = factor_ids
         self._follow_weight_decay = follow_weight_decay
         self._added_group = added_group
@@ -193,12 +196,15 @@ class Attachment:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        ATTACHED.pop(self.optimizer, None)
         self.tucker.release()
-        for group in self.optimizer.param_groups:
+        optimizer = self._optimizer()
+        if optimizer is None:
+            return
+        ATTACHED.pop(optimizer, None)
+        for group in optimizer.param_groups:
             group["params"] = [p for p in group["params"] if id(p) not in self._factor_ids]
-        if self._added_group and not self.optimizer.param_groups[-1]["params"]:
-            self.optimizer.param_groups.pop()
+        if self._added_group and not optimizer.param_groups[-1]["params"]:
+            optimizer.param_groups.pop()
 
     def _hide(self, optimizer, args, kwargs) -> None:
         self.tucker.check_active_adapter()  # before the optimizer moves anything
