@@ -125,7 +125,10 @@ def _refuse_optimizers_holding_factors(optimizer: Optimizer, args: Any, kwargs: 
     """Global step pre-hook: an optimizer that would also step factors a TuckerOptimizer updates is refused before
     it changes anything (its steps would move the bases off the manifold, and its moments stop matching the factors'
     shapes at the first rank change)."""
-    if isinstance(optimizer, TuckerOptimizer) or optimizer in ATTACHED:
+    inner = optimizer
+    while isinstance(getattr(inner, "optimizer", None), Optimizer):  # accelerate's AcceleratedOptimizer & co.
+        inner = inner.optimizer
+    if isinstance(optimizer, TuckerOptimizer) or inner in ATTACHED:
         return
     layout = tuple(len(g["params"]) for g in optimizer.param_groups)
     if _CHECKED.get(optimizer) == (layout, len(_OWNERS)):
