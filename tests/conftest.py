@@ -16,38 +16,25 @@ import tucker_peft
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def tiny_bert(num_labels: int = 2):
+def _bert(seed: int, **config):
+    """A 2-layer, 32-wide BERT classifier built from a config (no download), seeded."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=120,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=64,
-        num_labels=num_labels,
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(
+        BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, **config)
     )
-    return BertForSequenceClassification(cfg).eval()
+
+
+def tiny_bert(num_labels: int = 2):
+    return _bert(0, vocab_size=120, max_position_embeddings=64, num_labels=num_labels).eval()
 
 
 def reproducible_bert(seed: int = 0):
     """A 2-layer BERT without dropout (runs are reproducible step for step); also used by ``ddp_worker.py``."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=60,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=32,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
+    return _bert(
+        seed, vocab_size=60, max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
     )
-    return BertForSequenceClassification(cfg)
 
 
 def token_task(n: int = 96, seed: int = 0) -> list[dict]:

@@ -43,19 +43,9 @@ def read_tucker_adapter(directory: str) -> tuple[dict, dict[str, dict], dict[str
 
     ``other tensors`` are the non-adapter weights saved with it (``modules_to_save``, e.g. a classifier head), under
     their saved keys.  Raises a ``ValueError`` naming the problem if ``directory`` is not a Tucker adapter."""
-    config_path, weights_path = (os.path.join(directory, n) for n in (CONFIG_NAME, WEIGHTS_NAME))
-    if not (os.path.isfile(config_path) and os.path.isfile(weights_path)):
-        raise ValueError(
-            f"{directory} is not a saved adapter: it needs {CONFIG_NAME} and {WEIGHTS_NAME} (written by "
-            "save_pretrained or tucker_peft.save_adapter)."
-        )
-    with open(config_path) as f:
-        config = json.load(f)
-    if config.get("peft_type") != "TUCKER":
-        raise ValueError(
-            f"{directory} holds a {config.get('peft_type')!r} adapter, not a tucker-peft one (peft_type 'TUCKER')."
-        )
-    state = load_file(weights_path)
+    config, state = _read_saved_adapter(
+        directory, "TUCKER", "written by save_pretrained or tucker_peft.save_adapter", "not a tucker-peft one"
+    )
     modules: dict[str, dict] = {}
     others = {}
     for key, tensor in state.items():
@@ -77,6 +67,21 @@ def read_tucker_adapter(directory: str) -> tuple[dict, dict[str, dict], dict[str
         r = _pattern_value(config.get("rank_pattern") or {}, name, config["r"])
         entry["scale"] = config["alpha"] / r
     return config, modules, others
+
+
+def _read_saved_adapter(directory: str, peft_type: str, what: str, refusal: str) -> tuple[dict, dict]:
+    """``(adapter_config.json as a dict, the safetensors weights)`` of a saved ``peft_type`` adapter, or a
+    ``ValueError`` naming what ``directory`` lacks (``what``) or holds instead (``refusal``)."""
+    config_path, weights_path = (os.path.join(directory, n) for n in (CONFIG_NAME, WEIGHTS_NAME))
+    if not (os.path.isfile(config_path) and os.path.isfile(weights_path)):
+        raise ValueError(f"{directory} is not a saved adapter: it needs {CONFIG_NAME} and {WEIGHTS_NAME} ({what}).")
+    with open(config_path) as f:
+        config = json.load(f)
+    if config.get("peft_type") != peft_type:
+        raise ValueError(
+            f"{directory} holds a {config.get('peft_type')!r} adapter, {refusal} (peft_type {peft_type!r})."
+        )
+    return config, load_file(weights_path)
 
 
 def _pattern_value(pattern: dict, name: str, default):
@@ -256,14 +261,9 @@ def from_lora(
             lora_dir_or_model.save_pretrained(tmp)
             return from_lora(tmp, output_dir, tau, max_rank, min_rank)
     directory = lora_dir_or_model
-    config_path, weights_path = (os.path.join(directory, n) for n in (CONFIG_NAME, WEIGHTS_NAME))
-    if not (os.path.isfile(config_path) and os.path.isfile(weights_path)):
-        raise ValueError(f"{directory} is not a saved LoRA adapter: it needs {CONFIG_NAME} and {WEIGHTS_NAME}.")
-    with open(config_path) as f:
-        config = json.load(f)
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"{directory} holds a {config.get('peft_type')!r} adapter; from_lora reads LoRA adapters.")
-    state = load_file(weights_path)
+    config, state = _read_saved_adapter(
+        directory, "LORA", "a saved PEFT LoRA adapter", "from_lora reads LoRA adapters"
+    )
     pairs: dict[str, dict] = {}
     others = {}
     for key, tensor in state.items():
