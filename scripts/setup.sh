@@ -10,6 +10,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[${extras}]"
+# an editable install does not carry the wheel's tucker_peft-autoload.pth (setup.py): put it in place, so that here
+# as for users PEFT finds the Tucker method without `import tucker_peft`
+cp tucker_peft-autoload.pth "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/"
 case ",${extras}," in
   *,examples,*)
     # the pretrained all-MiniLM-L6-v2 used by the examples and benchmarks; --no-deps skips its

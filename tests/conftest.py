@@ -177,10 +177,12 @@ def randomize_adapter(model, adapter_name: str = "default", seed: int = 0, vary_
     return ranks
 
 
-def run_fresh_python(code: str, cwd) -> str:
-    """Run ``code`` in a new Python process (nothing imported yet) and return its stdout; fail with its stderr."""
+def run_fresh_python(code: str, cwd, **env_vars: str) -> str:
+    """Run ``code`` in a new Python process (nothing imported yet, ``env_vars`` added to the environment) and return
+    its stdout; fail with its stderr."""
     # same thread count as this process: reductions (and so the last bits of results) depend on it
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONHASHSEED="0", OMP_NUM_THREADS=str(torch.get_num_threads()))
+    env.update(env_vars)
     proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         pytest.fail(f"fresh process failed:\n{proc.stderr[-4000:]}")

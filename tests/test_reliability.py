@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +22,7 @@ from .conftest import (
     loop_model,
     randomize_adapter,
     reproducible_bert,
+    run_fresh_python,
     tiny_bert,
     token_task,
     train_steps,
@@ -186,3 +191,67 @@ def test_load_adapter_reads_a_peft_model_save_or_refuses_before_touching_the_mod
     with pytest.raises(FileNotFoundError, match="adapter_model.safetensors is missing"):
         (tmp_path / "seq-cls" / "adapter_model.safetensors").unlink()
         tucker_peft.load_adapter(other, str(tmp_path / "seq-cls"))
+
+
+FRESH_PEFT_LOAD = """
+import sys, torch, transformers
+from peft import PeftConfig, PeftModel
+assert 'tucker_peft' not in sys.modules  # importing peft imports nothing of tucker_peft
+base = transformers.AutoModelForSequenceClassification.from_pretrained({base!r})
+try:
+    model = PeftModel.from_pretrained(base, {adapter!r}).eval()
+except Exception as error:
+    print(type(error).__name__, error)
+    raise SystemExit
+print(type(PeftConfig.from_pretrained({adapter!r})).__name__, 'tucker_peft' in sys.modules)
+with torch.no_grad():
+    torch.save(model(input_ids=torch.tensor({ids})).logits, {out!r})
+"""
+
+
+def test_peft_loads_a_tucker_adapter_without_import_tucker_peft(tmp_path):
+    """Item 8a: ``PeftModel.from_pretrained`` in a process that never imported tucker_peft (the installed
+    ``tucker_peft-autoload.pth``, ``_tucker_peft_autoload.py``); with the autoload off, an error naming the fix."""
+    reproducible_bert().save_pretrained(tmp_path / "base")
+    model = get_peft_model(reproducible_bert(), TuckerLoraConfig(task_type="SEQ_CLS", r=6))
+    randomize_adapter(model)
+    model.save_pretrained(tmp_path / "adapter")
+    ids = _batch()["input_ids"]
+    code = FRESH_PEFT_LOAD.format(
+        base=str(tmp_path / "base"), adapter=str(tmp_path / "adapter"), ids=ids.tolist(), out=str(tmp_path / "o")
+    )
+    assert run_fresh_python(code, cwd=tmp_path).split() == ["TuckerLoraConfig", "True"]
+    with torch.no_grad():
+        expected = model.eval()(input_ids=ids).logits
+    torch.testing.assert_close(torch.load(tmp_path / "o", weights_only=True), expected, atol=1e-6, rtol=0)
+
+    message = run_fresh_python(code, cwd=tmp_path, TUCKER_PEFT_AUTOLOAD="0")
+    assert message.startswith("ValueError") and "`import tucker_peft` before loading it" in message
+
+
+def test_the_wheel_installs_the_autoload_file(tmp_path):
+    """What puts ``tucker_peft-autoload.pth`` into site-packages for users (``setup.py``): the wheel's root."""
+    root, source = Path(__file__).resolve().parents[1], tmp_path / "source"  # built from a copy: no build/ left here
+    shutil.copytree(root / "tucker_peft", source / "tucker_peft", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "_tucker_peft_autoload.py"):
+        shutil.copy(root / name, source / name)
+    shutil.copy(root / "tucker_peft-autoload.pth", source)
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--quiet",
+        "--no-deps",
+        "--no-build-isolation",
+        "-w",
+        str(tmp_path),
+    ]
+    subprocess.run([*command, "."], cwd=source, check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("tucker_peft-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {"tucker_peft-autoload.pth", "_tucker_peft_autoload.py", "tucker_peft/__init__.py"} <= set(names)
+    line = zipfile.ZipFile(wheel).read("tucker_peft-autoload.pth").decode()
+    assert (
+        line.startswith("import ") and "_tucker_peft_autoload" in line
+    )  # site.py executes lines starting with import

@@ -41,7 +41,8 @@ def tucker_card_section(model: nn.Module, adapter_name: str, config: TuckerLoraC
         "",
         "This is a **tucker-peft** adapter: rank-adaptive Tucker-factorized deltas `W = W0 + s * C x_0 U_0 ... x_{d-1} U_{d-1}`"
         " trained with the geometry-aware TDLRT update (Zangrando et al., NeurIPS 2024).",
-        "Load it with `import tucker_peft` before `PeftModel.from_pretrained(base_model, repo_or_dir)`.",
+        "Load it with `pip install tucker-peft`, then `PeftModel.from_pretrained(base_model, repo_or_dir)` (the installed"
+        " package registers itself with PEFT when PEFT reads this adapter; `import tucker_peft` does it explicitly).",
         "Without tucker-peft, use its exact LoRA form: `tucker-peft export DIR OUT --format peft` (or `diffusers`,"
         " `kohya`, `lycoris`) writes a LoRA adapter with the same outputs that plain PEFT loads with"
         " `PeftModel.from_pretrained(base_model, OUT)` (diffusers: `pipe.load_lora_weights(OUT)`).",
