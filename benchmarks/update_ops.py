@@ -22,26 +22,12 @@ from datetime import date
 
 import torch
 from peft import LoraConfig, get_peft_model
-from torch.profiler import ProfilerActivity, profile
 from transformers import BertConfig, BertForSequenceClassification
 
 from tucker_peft import TuckerLoraConfig, TuckerOptimizer
+from tucker_peft.profiling import count_top_level_ops
 
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
-
-
-def top_level_aten_ops(fn) -> int:
-    """Number of ``aten::`` ops run by ``fn()`` whose parent is not an ``aten::`` op."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    count = 0
-    for event in prof.events():
-        if not event.name.startswith("aten::"):
-            continue
-        parent = event.cpu_parent
-        if parent is None or not parent.name.startswith("aten::"):
-            count += 1
-    return count
 
 
 def model(layers: int):
@@ -77,7 +63,7 @@ def measure(layers: int, steps: int, warmup: int, batch: int, seq: int) -> dict:
             ("lora_adamw", lora_opt.step),
         ):
             if i >= warmup and (name == "tucker_update" or i < warmup + 5):
-                counts[name].append(top_level_aten_ops(fn))
+                counts[name].append(count_top_level_ops(fn))
             else:
                 fn()
         head.step()

@@ -17,13 +17,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _bert(seed: int, **config):
-    """A 2-layer, 32-wide BERT classifier built from a config (no download), seeded."""
+    """A 2-layer, 32-wide BERT classifier built from a config (no download), seeded; ``config`` overrides."""
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
-    return BertForSequenceClassification(
-        BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, **config)
-    )
+    defaults = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
+    return BertForSequenceClassification(BertConfig(**(defaults | config)))
 
 
 def tiny_bert(num_labels: int = 2):

@@ -14,8 +14,11 @@ from torch import nn
 
 import tucker_peft
 from tucker_peft import TuckerLoraConfig, TuckerOptimizer, geometry
+from tucker_peft.profiling import count_top_level_ops
 
-from .conftest import Net, tiny_bert
+from .conftest import Net, _bert, tiny_bert, token_task
+
+BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 
 
 def _planted_linear(rank=3, n_out=40, n_in=48, seed=0):
@@ -401,3 +404,27 @@ def test_batched_update_equals_one_layer_at_a_time():
         if "tucker_" in n:
             assert p.shape == q.shape
             torch.testing.assert_close(p, q, atol=1e-12, rtol=1e-10)
+
+
+def test_a_step_costs_the_same_ops_for_more_equally_shaped_layers():
+    """Issue 12: the update's top-level op count (the launch proxy) does not grow with the number of layers of equal
+    shapes and ranks (6 vs 24 BERT layers, 36 vs 144 adapters): they share batched ops and one in-place write-back."""
+    counts = {}
+    for layers in (6, 24):
+        model = get_peft_model(
+            _bert(0, vocab_size=60, num_hidden_layers=layers),
+            TuckerLoraConfig(task_type="SEQ_CLS", r=4, min_rank=4, max_rank=4, target_modules=BERT_TARGETS),
+        )
+        update = TuckerOptimizer(model, lr=1e-2)
+        batch = {k: torch.stack([r[k] for r in token_task(8)]) for k in ("input_ids", "attention_mask", "labels")}
+
+        def step(model=model, update=update, batch=batch):
+            model.zero_grad(set_to_none=True)
+            model(**batch).loss.backward()
+            return count_top_level_ops(update.step)
+
+        first = step()  # allocates the moments: a layer's own tensors
+        counts[layers] = [step() for _ in range(2)]
+        assert len(set(counts[layers])) == 1 and first > counts[layers][0]
+        assert {r for v in update.ranks().values() for r in v} == {4}
+    assert counts[24] == counts[6], counts

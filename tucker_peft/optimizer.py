@@ -403,8 +403,12 @@ class TuckerOptimizer(Optimizer):
             decisions.append(self._rank_decisions(plan, norms, sigmas))
         if self.budget is not None and any(plan.decide for plan in plans):
             self._fit_budget(plans, decisions)
+        copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         for plan, decision in zip(plans, decisions):
-            self._truncate(plan, decision)
+            self._truncate(plan, decision, copies)
+        if copies:  # every parameter and moment that kept its shape, in one op
+            destinations, sources = zip(*copies)
+            torch._foreach_copy_(list(destinations), list(sources))
         self._versions = self._param_versions()
         return loss
 
@@ -642,10 +646,17 @@ class TuckerOptimizer(Optimizer):
             heapq.heapify(heap)
             push(index)
 
-    def _truncate(self, plan: _Batch, decisions: list[_Decision]) -> None:
+    def _truncate(
+        self, plan: _Batch, decisions: list[_Decision], copies: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> None:
         """Phase 2 for a batch: the factors, core and moments are projected on all singular vectors at once
         (batched), then each layer keeps its leading ``decisions[b].ranks`` of them (identity projections for a
-        frozen layer, :meth:`_rank_decisions`)."""
+        frozen layer, :meth:`_rank_decisions`).
+
+        Layers that keep the same ranks are cut together (one slice per tensor of the batch, then ``unbind``), and a
+        parameter or moment whose shape does not change is only appended to ``copies`` (destination, source): the
+        caller writes all of them with one ``torch._foreach_copy_``, so a step adds no per-layer ops unless ranks
+        change.  A layer whose ranks change gets new tensors (:meth:`TuckerLayer.set_factors`)."""
         ct = plan.ct
         frozen = [rec.frozen for rec in decisions]
         projections = [p for p, _ in plan.svds]
@@ -657,16 +668,44 @@ class TuckerOptimizer(Optimizer):
             ]
         core, factors = geometry.truncate(ct, plan.factors, projections)
         moments = self._transport_moments(plan.moments, projections, plan.old_ranks, tuple(ct.shape[1:]))
-        for b, ((group, layer), rec) in enumerate(zip(plan.members, decisions)):
-            ranks = rec.ranks
+        by_ranks: dict[tuple[int, ...], list[int]] = {}
+        for b, rec in enumerate(decisions):
+            by_ranks.setdefault(tuple(rec.ranks), []).append(b)
+        for ranks, members in by_ranks.items():
             keep = [tuple(slice(0, r) for r in ranks), *((slice(None), slice(0, r)) for r in ranks)]
-            layer.set_factors(self.adapter_name, core[b][keep[0]], [u[b, :, :r] for u, r in zip(factors, ranks)])
-            for index, param in enumerate(group["params"]):
-                state = {"step": plan.step, "decided_ranks": list(rec.decided)} if index == 0 else {}
-                if moments is not None:
-                    m, v = moments[index]
-                    state["exp_avg"], state["exp_avg_sq"] = m[b][keep[index]].clone(), v[b][keep[index]].clone()
-                self.state[param] = state
+            # per parameter (C, U_0, ...): the batched tensors of these members, cut to their ranks
+            values = [core, *factors]
+            moment_values = list(moments) if moments is not None else []
+            if len(members) < len(decisions):
+                index = torch.tensor(members, device=ct.device)
+                values = [v.index_select(0, index) for v in values]
+                moment_values = [(m.index_select(0, index), v.index_select(0, index)) for m, v in moment_values]
+            per_param = [v[(slice(None), *k)].unbind(0) for v, k in zip(values, keep)]
+            per_moment = [
+                (m[(slice(None), *k)].unbind(0), v[(slice(None), *k)].unbind(0))
+                for (m, v), k in zip(moment_values, keep)
+            ]
+            for j, b in enumerate(members):
+                (group, layer), rec = plan.members[b], decisions[b]
+                params = group["params"]
+                new = [t[j] for t in per_param]
+                if all(p.shape == n.shape for p, n in zip(params, new)):
+                    copies.extend(zip(params, new))
+                    for p in params:
+                        p.grad = None
+                else:
+                    layer.set_factors(self.adapter_name, new[0], new[1:])
+                for index, param in enumerate(params):
+                    old = self.state.get(param, {})
+                    state = {"step": plan.step, "decided_ranks": list(rec.decided)} if index == 0 else {}
+                    if per_moment:
+                        m, v = per_moment[index][0][j], per_moment[index][1][j]
+                        if old.get("exp_avg") is not None and old["exp_avg"].shape == m.shape:
+                            copies.extend(((old["exp_avg"], m), (old["exp_avg_sq"], v)))
+                            state["exp_avg"], state["exp_avg_sq"] = old["exp_avg"], old["exp_avg_sq"]
+                        else:
+                            state["exp_avg"], state["exp_avg_sq"] = m.clone(), v.clone()
+                    self.state[param] = state
 
     @staticmethod
     def _transport_moments(
