@@ -51,9 +51,27 @@ def unfolding_polar(core: torch.Tensor, mode: int, rcond: float) -> tuple[torch.
     q = a @ bh
     r = b @ (s[..., :, None] * bh)
     keep = s > rcond * s[..., :1]
-    s_inv = torch.where(keep, 1.0 / torch.where(keep, s, torch.ones_like(s)), torch.zeros_like(s))
+    s_inv = torch.where(keep, torch.where(keep, s, 1.0).reciprocal(), 0.0)
     r_pinv = b @ (s_inv[..., :, None] * bh)
     return q, r, r_pinv
+
+
+def unfolding_polars(
+    core: torch.Tensor, n_factors: int, rcond: float
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """:func:`unfolding_polar` of every factorized mode of a batch of cores.  A matrix core (two modes, no window,
+    equal ranks) needs one SVD ``C = X S Y^T`` for both: mode 0 ``(Y X^T, X S X^T, X S^+ X^T)``, mode 1
+    ``(X Y^T, Y S Y^T, Y S^+ Y^T)``."""
+    if not (n_factors == 2 and core.dim() == 3 and core.shape[1] == core.shape[2]):
+        return [unfolding_polar(core, i, rcond) for i in range(n_factors)]
+    x, s, yh = torch.linalg.svd(core, full_matrices=False)
+    xh, y = x.transpose(-1, -2), yh.transpose(-1, -2)
+    keep = s > rcond * s[..., :1]
+    s_inv = torch.where(keep, torch.where(keep, s, 1.0).reciprocal(), 0.0)
+    return [
+        (y @ xh, x @ (s[..., :, None] * xh), x @ (s_inv[..., :, None] * xh)),
+        (x @ yh, y @ (s[..., :, None] * yh), y @ (s_inv[..., :, None] * yh)),
+    ]
 
 
 def k_gradient(factor_grad: torch.Tensor, r_pinv: torch.Tensor) -> torch.Tensor:
@@ -84,14 +102,14 @@ def new_directions(
     k = min(r, n - r)
     basis, tri = torch.linalg.qr(torch.cat([factor, k_step], dim=-1))
     signs = torch.sign(torch.diagonal(tri[..., :r, :r], dim1=-2, dim2=-1))
-    u_old = basis[..., :r] * torch.where(signs == 0, torch.ones_like(signs), signs)[..., None, :]
+    u_old = basis[..., :r] * torch.where(signs == 0, 1.0, signs)[..., None, :]
     if k == 0:
         return u_old, factor.new_zeros(factor.shape[0], 0, q.shape[-2])
     q2 = basis[..., r : r + k]
     # (I - U U^T) k_step = q2 @ tri[r:r+k, r:]; rotate q2 to its singular directions to rank them
     a, s, bh = torch.linalg.svd(tri[..., r : r + k, r:], full_matrices=False)
     u_hat = q2 @ a
-    s = torch.where(s > rel_eps * k_norm[:, None], s, torch.zeros_like(s))
+    s = torch.where(s > rel_eps * k_norm[:, None], s, 0.0)
     block = (s[..., :, None] * bh) @ q.transpose(-1, -2)
     return torch.cat([u_old, u_hat], dim=-1), block
 
