@@ -485,13 +485,7 @@ class TuckerOptimizer(Optimizer):
         lam = group["lr"]
         rcond = geometry.default_rcond(core.dtype)
         rel_eps = 10 * torch.finfo(core.dtype).eps
-        finite = torch.stack([torch.isfinite(g.reshape(g.shape[0], -1)).all(dim=1) for g in grads]).all(dim=0)
-
-        def sanitize(g: torch.Tensor) -> torch.Tensor:
-            # non-finite values become zeros so that nothing below fails; the step is then discarded
-            return torch.where(finite.reshape(-1, *([1] * (g.dim() - 1))), g, 0.0)
-
-        g_core, *g_factors = (sanitize(g) for g in grads)
+        g_core, *g_factors = grads
         polars = geometry.unfolding_polars(core, d, rcond)
         k_grads = [geometry.k_gradient(g, r_pinv) for g, (_, _, r_pinv) in zip(g_factors, polars)]
 
@@ -539,10 +533,15 @@ class TuckerOptimizer(Optimizer):
         k_norms = [
             torch.linalg.norm((u @ r + k).flatten(1), dim=1) for u, (_, r, _), k in zip(factors, polars, k_steps)
         ]
-        # a step whose result would not be finite (an absurd learning rate) is discarded like one with non-finite
-        # gradients; finite norms (sums of squares) also keep the QRs and SVDs below from overflowing
-        for norm in (torch.linalg.norm(old_block.flatten(1), dim=1), *k_norms):
-            finite = finite & torch.isfinite(norm)
+        # non-finite gradients (fp16 overflow) or a step whose result would not be finite (an absurd learning rate)
+        # make these norms non-finite (inf and NaN propagate through every op above); such a step is discarded.
+        # Finite norms (sums of squares) also keep the QRs and SVDs below from overflowing.
+        finite = torch.isfinite(torch.stack([torch.linalg.norm(old_block.flatten(1), dim=1), *k_norms]).sum(0))
+
+        def sanitize(t: torch.Tensor) -> torch.Tensor:
+            # non-finite values become zeros so that nothing below fails; the step is then discarded
+            return torch.where(finite.reshape(-1, *([1] * (t.dim() - 1))), t, 0.0)
+
         old_block, *k_steps = (sanitize(t) for t in (old_block, *k_steps))
         new_blocks, augmented = [], []
         for u, (q, _, _), k_step, k_norm in zip(factors, polars, k_steps, k_norms):
