@@ -50,6 +50,9 @@ as it is; ranks stay within ``[min_rank, max_rank]``.  Another optimizer that ho
 refused before its step (a global optimizer step pre-hook), unless :func:`tucker_peft.attach` hooked it; a step while
 another, untrained Tucker adapter is active (``set_adapter``) is refused.  The update does one host synchronisation
 per step (the rank decision), independent of the number of layers.
+
+Cost: layers of equal shapes, ranks and settings are updated as one batch; layers that keep their ranks are written
+back with one ``torch._foreach_copy_`` for all of them, so a step's op count does not grow with the number of layers.
 """
 
 from __future__ import annotations
