@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from peft import get_peft_model
 from torch import nn
 
-from tucker_peft import TuckerLoraConfig, TuckerOptimizer, geometry
+from tucker_peft import TuckerLoraConfig, TuckerOptimizer
 from tucker_peft.geometry import tangent_projection
 
 from .conftest import Net
@@ -157,25 +157,3 @@ def test_first_step_from_zero_core_moves_only_the_core():
     assert layer.ranks("default") == (4, 4)
     new = _einsum_tucker(layer.core("default").detach(), [u.detach() for u in layer.factors("default")])
     torch.testing.assert_close(new, _einsum_tucker(-0.1 * g_core, u_before), atol=1e-12, rtol=0)
-
-
-def test_one_svd_gives_both_polars_of_a_matrix_core():
-    """The shared-SVD shortcut for matrix cores equals the per-mode polar decomposition (also with a zero core and a
-    rank-deficient one, where the pseudo-inverse cuts directions)."""
-    g = torch.Generator().manual_seed(0)
-    cores = torch.randn(4, 5, 5, dtype=torch.float64, generator=g)
-    cores[1] = 0.0
-    cores[2] = torch.randn(5, 2, dtype=torch.float64, generator=g) @ torch.randn(
-        2, 5, dtype=torch.float64, generator=g
-    )
-    rcond = geometry.default_rcond(torch.float64)
-    shared = geometry.unfolding_polars(cores, 2, rcond)
-    for mode in range(2):
-        q, r, r_pinv = geometry.unfolding_polar(cores, mode, rcond)
-        torch.testing.assert_close(shared[mode][1], r, atol=1e-12, rtol=0)
-        torch.testing.assert_close(shared[mode][2], r_pinv, atol=1e-10, rtol=0)
-        full = [0, 3]  # Q is unique only where Mat_i(C) has full rank
-        torch.testing.assert_close(shared[mode][0][full], q[full], atol=1e-12, rtol=0)
-        # Mat_i(C)^T = Q R for every core
-        mat_t = cores if mode == 1 else cores.transpose(-1, -2)
-        torch.testing.assert_close(shared[mode][0] @ shared[mode][1], mat_t, atol=1e-12, rtol=0)

@@ -156,12 +156,10 @@ class StaleMomentsOptimizer(TuckerOptimizer):
     """The defect we must not have: moments padded and cut by index, left in the old coordinates."""
 
     @staticmethod
-    def _transport_moments(moments, projections, old_ranks):
+    def _transport_moments(moments, projections, old_ranks, augmented_shape):
         if moments is None:
             return None
         ks = [p.shape[-1] for p in projections]
-        window = tuple(moments[0][0].shape[1 + len(projections) :])
-        augmented_shape = tuple(p.shape[1] for p in projections) + window
         out = []
         for index, pair in enumerate(moments):
             cut = []

@@ -56,24 +56,6 @@ def unfolding_polar(core: torch.Tensor, mode: int, rcond: float) -> tuple[torch.
     return q, r, r_pinv
 
 
-def unfolding_polars(
-    core: torch.Tensor, n_factors: int, rcond: float
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """:func:`unfolding_polar` of every factorized mode of a batch of cores.  A matrix core (two modes, no window,
-    equal ranks) needs one SVD ``C = X S Y^T`` for both: mode 0 ``(Y X^T, X S X^T, X S^+ X^T)``, mode 1
-    ``(X Y^T, Y S Y^T, Y S^+ Y^T)``."""
-    if not (n_factors == 2 and core.dim() == 3 and core.shape[1] == core.shape[2]):
-        return [unfolding_polar(core, i, rcond) for i in range(n_factors)]
-    x, s, yh = torch.linalg.svd(core, full_matrices=False)
-    xh, y = x.transpose(-1, -2), yh.transpose(-1, -2)
-    keep = s > rcond * s[..., :1]
-    s_inv = torch.where(keep, torch.where(keep, s, 1.0).reciprocal(), 0.0)
-    return [
-        (y @ xh, x @ (s[..., :, None] * xh), x @ (s_inv[..., :, None] * xh)),
-        (x @ yh, y @ (s[..., :, None] * yh), y @ (s_inv[..., :, None] * yh)),
-    ]
-
-
 def k_gradient(factor_grad: torch.Tensor, r_pinv: torch.Tensor) -> torch.Tensor:
     """``dL/dK_i = g_i R_i^+`` ``(B, n_i, r_i)``: the gradient with respect to ``K_i = U_i R_i``."""
     return factor_grad @ r_pinv

@@ -489,7 +489,7 @@ class TuckerOptimizer(Optimizer):
         rcond = geometry.default_rcond(core.dtype)
         rel_eps = 10 * torch.finfo(core.dtype).eps
         g_core, *g_factors = grads
-        polars = geometry.unfolding_polars(core, d, rcond)
+        polars = [geometry.unfolding_polar(core, i, rcond) for i in range(d)]
         k_grads = [geometry.k_gradient(g, r_pinv) for g, (_, _, r_pinv) in zip(g_factors, polars)]
 
         states = [self.state[g["params"][0]] for g, _ in members]  # the core's state holds step and decided ranks
@@ -669,7 +669,7 @@ class TuckerOptimizer(Optimizer):
                 for p in projections
             ]
         core, factors = geometry.truncate(ct, plan.factors, projections)
-        moments = self._transport_moments(plan.moments, projections, plan.old_ranks)
+        moments = self._transport_moments(plan.moments, projections, plan.old_ranks, tuple(ct.shape[1:]))
         by_ranks: dict[tuple[int, ...], list[int]] = {}
         for b, rec in enumerate(decisions):
             by_ranks.setdefault(tuple(rec.ranks), []).append(b)
@@ -714,27 +714,31 @@ class TuckerOptimizer(Optimizer):
         moments: list[tuple[torch.Tensor, torch.Tensor]] | None,
         projections: list[torch.Tensor],
         old_ranks: list[int],
+        augmented_shape: tuple[int, ...],
     ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """Carry a batch of Adam moments (of ``C``, ``K_0``, ``K_1``, ...) to the coordinates of the truncated factors,
         before the per-layer cut.
 
         Augmentation pads with zeros (new directions have no history); truncation applies the same ``P_i`` as the
         factors: ``m <- m P_i``, ``m_C <- m_C x_i P_i^T``, and for second moments the mixing form with ``P_i * P_i``
-        (elementwise square).  The zero padding is never built: only the first ``old_ranks[i]`` rows of ``P_i`` meet
-        a nonzero entry.  ``projections`` ``(B, rt_i, k_i)``, moments ``(B, ...)`` at the old ranks.
+        (elementwise square).  ``projections`` ``(B, rt_i, k_i)``, moments ``(B, ...)`` at the old ranks.
         """
         if moments is None:
             return None
-        cut = [p[:, :r, :] for p, r in zip(projections, old_ranks)]
-        cut_squares = [p * p for p in cut]
+        squares = [p * p for p in projections]
         out = []
         for index, pair in enumerate(moments):
             carried = []
-            for value, projs in zip(pair, (cut, cut_squares)):
+            for value, projs in zip(pair, (projections, squares)):
                 if index == 0:  # the core
-                    carried.append(geometry.truncate(value, [], projs)[0])
+                    padded = value.new_zeros(value.shape[0], *augmented_shape)
+                    padded[(slice(None), *(slice(0, s) for s in value.shape[1:]))] = value
+                    carried.append(geometry.truncate(padded, [], projs)[0])
                 else:  # K_i, mode i = index - 1
-                    carried.append(value @ projs[index - 1])
+                    i = index - 1
+                    padded = value.new_zeros(value.shape[0], value.shape[1], augmented_shape[i])
+                    padded[:, :, : old_ranks[i]] = value
+                    carried.append(padded @ projs[i])
             out.append((carried[0], carried[1]))
         return out
 
