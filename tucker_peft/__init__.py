@@ -2,7 +2,9 @@
 
 Importing this package registers the method with PEFT (``PeftType.TUCKER``), so that ``get_peft_model``,
 ``PeftModel.from_pretrained``, ``inject_adapter_in_model`` and diffusers' ``add_adapter`` accept a
-:class:`TuckerLoraConfig`.  Import it before loading a saved Tucker adapter.
+:class:`TuckerLoraConfig`.  Loading a saved Tucker adapter does not need the import: the installed
+``tucker_peft-autoload.pth`` makes PEFT import this package when it reads an adapter config with
+``peft_type: TUCKER`` (``_tucker_peft_autoload.py``).
 """
 
 from . import model_card
