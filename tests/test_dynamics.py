@@ -133,9 +133,10 @@ def test_conv_channel_ranks_grow_back_with_headroom():
     assert train().ranks("default") == (1, 1)
 
 
-def test_trainer_planted_rank_at_lora_learning_rate_with_warmup(tmp_path):
+@pytest.mark.parametrize("basis_interval", [1, 4])
+def test_trainer_planted_rank_at_lora_learning_rate_with_warmup(tmp_path, basis_interval):
     """The issue's setting: lr 1e-3, warmup 10 + linear decay, 600 steps, batch 64, through the Trainer; tucker
-    (r = 8, tau = 0.1) against LoRA r = 8 + AdamW in the same test."""
+    (r = 8, tau = 0.1) against LoRA r = 8 + AdamW in the same test; also with the bases moved every 4 steps."""
     base, dstar, x, y = _planted()
     data = [{"x": a, "y": b} for a, b in zip(x, y)]
 
@@ -144,7 +145,7 @@ def test_trainer_planted_rank_at_lora_learning_rate_with_warmup(tmp_path):
         if method == "tucker":
             config, callbacks = (
                 TuckerLoraConfig(target_modules=["layer"], r=8, alpha=8, tau=0.1),
-                [TuckerLoraCallback()],
+                [TuckerLoraCallback(basis_interval=basis_interval)],
             )
         else:
             config, callbacks = LoraConfig(target_modules=["layer"], r=8, lora_alpha=8), []
@@ -190,7 +191,13 @@ def test_rank_decisions_follow_the_schedule():
 
 def test_rank_schedule_arguments_are_checked():
     model = get_peft_model(Net(nn.Linear(8, 8)), TuckerLoraConfig(target_modules=["layer"], r=2))
-    for kwargs in ({"rank_interval": 0}, {"rank_warmup": -1}, {"rank_headroom": 0}, {"rank_interval": 1.5}):
+    for kwargs in (
+        {"rank_interval": 0},
+        {"rank_warmup": -1},
+        {"rank_headroom": 0},
+        {"rank_interval": 1.5},
+        {"basis_interval": 0},
+    ):
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             TuckerOptimizer(model, **kwargs)
 
@@ -206,7 +213,7 @@ def test_state_dict_of_an_older_version_still_loads():
     current = copy.deepcopy(opt.state_dict())
     state = copy.deepcopy(current)
     for group in state["param_groups"]:
-        for key in ("rank_warmup", "rank_interval", "rank_headroom", "reference_size"):
+        for key in ("rank_warmup", "rank_interval", "rank_headroom", "basis_interval", "reference_size"):
             del group[key]
         core, *factors = group["params"]
         old = {"step": state["state"][core]["step"]}

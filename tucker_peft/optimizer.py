@@ -42,6 +42,12 @@ Rank decisions (docs/algorithm.md §4):
   by construction but add noise at large constant learning rates (``benchmarks/convergence.py``), hence not the
   default.
 
+Moving the bases every k steps (``basis_interval=k``, default 1): the core takes its Adam step every step, the bases
+(K-steps, augmentation, SVDs, truncation, rank decisions) move once every k steps, by the mean of the k steps' basis
+gradients and with the sum of their learning rates as step size.  The steps in between are one set of
+``torch._foreach`` ops over all layers (no QR, SVD or host arithmetic per layer), so the heavy part of the update
+is amortised over k steps; averaging the basis gradients also takes noise out of the basis steps.
+
 Decoupled weight decay (``weight_decay``) shrinks the core only, never the orthonormal bases.
 
 Robustness: non-finite gradients or updated factors anywhere skip the whole step (factors and moments untouched, one
@@ -103,6 +109,16 @@ class _Batch:
     decided: list[list[int] | None]  # per layer, the ranks of the last decision
     decide: bool  # a rank decision is due
     frozen: bool  # lr = 0: no rank information
+    basis_step: int | None  # moves of the bases so far, this one included (None: every step moves them)
+
+
+@dataclass
+class _CoreSteps:
+    """Steps of the cores alone (between moves of the bases, ``basis_interval``), computed but not yet written."""
+
+    finite: torch.Tensor  # () gradients and results finite
+    copies: list[tuple[torch.Tensor, torch.Tensor]]  # (destination, new value): cores, moments, gradient sums
+    assign: list[tuple[dict, str, Any]]  # optimizer-state entries to set: (state, key, value)
 
 
 @dataclass
@@ -210,6 +226,8 @@ class TuckerOptimizer(Optimizer):
         rank_interval: a rank decision every this many steps after the warmup (>= 1, default 1).
         rank_headroom: ranks held between decisions, as a multiple of the decided ranks (>= 1, default 1); 2 lets
             candidate directions accumulate signal so that ranks can grow at small learning rates.
+        basis_interval: the bases move (and ranks are decided) every this many steps (>= 1, default 1: every step);
+            in between, only the cores take an Adam step, for all layers at once, and the basis gradients are summed.
         budget: largest number of adapter parameters (all layers' cores and factors) a rank decision may keep;
             default: the adapter config's ``budget`` (None: no global limit, only the per-layer tolerance).
     """
@@ -230,6 +248,7 @@ class TuckerOptimizer(Optimizer):
         rank_warmup: int = 0,
         rank_interval: int = 1,
         rank_headroom: int = 1,
+        basis_interval: int = 1,
         budget: int | None = None,
     ) -> None:
         if direction not in ("adam", "sgd"):
@@ -243,6 +262,7 @@ class TuckerOptimizer(Optimizer):
             ("rank_warmup", rank_warmup, 0),
             ("rank_interval", rank_interval, 1),
             ("rank_headroom", rank_headroom, 1),
+            ("basis_interval", basis_interval, 1),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"`{name}` must be an integer >= {low}; got {value!r}.")
@@ -310,6 +330,7 @@ class TuckerOptimizer(Optimizer):
             rank_warmup=rank_warmup,
             rank_interval=rank_interval,
             rank_headroom=rank_headroom,
+            basis_interval=basis_interval,
         )
         super().__init__(groups, defaults)
         self.adapter_name = adapter_name
@@ -361,20 +382,27 @@ class TuckerOptimizer(Optimizer):
             self._all_reduce_gradients()
         # layers with equal shapes, settings and step count are updated together (batched SVD/QR)
         batches: dict[tuple, list[tuple[dict, TuckerLayer]]] = {}
+        core_only: list[dict] = []  # layers whose bases do not move this step (basis_interval)
         for group, layer in zip(self.param_groups, self._layers):
             core, *factors = group["params"]
             if core.grad is None or any(u.grad is None for u in factors):
                 continue  # no gradient this step: leave the layer as it is
+            state = self.state[core]
+            if (state.get("step", 0) + 1) % group["basis_interval"]:
+                core_only.append(group)
+                continue
             settings = tuple((k, repr(v)) for k, v in sorted(group.items()) if k not in ("params", "name"))
             key = (tuple(p.shape for p in group["params"]), core.dtype, core.device, settings)
-            key += (self.state[core].get("step", 0),)
+            key += (state.get("step", 0), state.get("lr_sum", 0.0))
             batches.setdefault(key, []).append((group, layer))
-        if not batches:
+        if not batches and not core_only:
             return loss
         plans = [self._augment(members) for members in batches.values()]
+        core_steps = self._core_steps(core_only) if core_only else None
 
         # the one host synchronisation of the step: finiteness and every layer's singular values
-        device_values = [torch.stack([plan.finite.all() for plan in plans]).to(plans[0].norm.dtype)]
+        flags = [plan.finite.all() for plan in plans] + ([core_steps.finite] if core_steps else [])
+        device_values = [torch.stack(flags).to(plans[0].norm.dtype if plans else torch.float32)]
         for plan in plans:
             device_values.append(plan.norm)
             device_values.extend(sigma.reshape(-1) for _, sigma in plan.svds)
@@ -382,7 +410,7 @@ class TuckerOptimizer(Optimizer):
         if self.distributed:  # every process takes the rank decisions of process 0
             torch.distributed.broadcast(values, src=0)
         values = values.cpu().tolist()
-        if not all(v == 1.0 for v in values[: len(plans)]):
+        if not all(v == 1.0 for v in values[: len(flags)]):
             self.skipped_steps += 1
             warnings.warn(
                 "TuckerOptimizer: non-finite values (inf/NaN) in the gradients of the Tucker factors or in the updated "
@@ -392,7 +420,7 @@ class TuckerOptimizer(Optimizer):
                 stacklevel=2,
             )
             return loss
-        pos = len(plans)
+        pos = len(flags)
         decisions = []
         for plan in plans:
             size = len(plan.members)
@@ -407,6 +435,10 @@ class TuckerOptimizer(Optimizer):
         if self.budget is not None and any(plan.decide for plan in plans):
             self._fit_budget(plans, decisions)
         copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if core_steps is not None:
+            copies.extend(core_steps.copies)
+            for state, key, value in core_steps.assign:
+                state[key] = value
         for plan, decision in zip(plans, decisions):
             self._truncate(plan, decision, copies)
         if copies:  # every parameter and moment that kept its shape, in one op
@@ -489,12 +521,25 @@ class TuckerOptimizer(Optimizer):
         rcond = geometry.default_rcond(core.dtype)
         rel_eps = 10 * torch.finfo(core.dtype).eps
         g_core, *g_factors = grads
-        polars = [geometry.unfolding_polar(core, i, rcond) for i in range(d)]
-        k_grads = [geometry.k_gradient(g, r_pinv) for g, (_, _, r_pinv) in zip(g_factors, polars)]
-
         states = [self.state[g["params"][0]] for g, _ in members]  # the core's state holds step and decided ranks
         old = [u.shape[2] for u in factors]
         step = states[0].get("step", 0) + 1
+        basis_step = None
+        lam_bases = lam
+        if group["basis_interval"] > 1:
+            # the bases move once for the steps since their last move: by the mean of those steps' gradients and the
+            # sum of their learning rates (the cores took their own steps in between, _core_steps)
+            basis_step = states[0].get("basis_step", 0) + 1
+            lam_bases = lam + states[0].get("lr_sum", 0.0)
+            count = states[0].get("core_steps", 0) + 1
+            if count > 1:
+                g_factors = [
+                    (torch.stack([self.state[g["params"][1 + i]]["grad_sum"] for g, _ in members]) + grad) / count
+                    for i, grad in enumerate(g_factors)
+                ]
+        polars = [geometry.unfolding_polar(core, i, rcond) for i in range(d)]
+        k_grads = [geometry.k_gradient(g, r_pinv) for g, (_, _, r_pinv) in zip(g_factors, polars)]
+
         moments = None
         if group["direction"] == "adam":
             beta1, beta2 = group["betas"]
@@ -514,17 +559,14 @@ class TuckerOptimizer(Optimizer):
 
             scale = group["adaptive_scale"]
             if scale == "auto":  # per layer, at its decided ranks (candidate directions do not dilute the step)
-                window = math.prod(core.shape[d + 1 :])
-                scale = core.new_tensor(
-                    [
-                        auto_adaptive_scale(g["reference_size"], math.prod(st.get("decided_ranks", old)) * window)
-                        for (g, _), st in zip(members, states)
-                    ]
-                ).reshape(-1, *([1] * d), *([1] * (core.dim() - d - 1)))
+                scale = core.new_tensor([_core_scale(g, st) for (g, _), st in zip(members, states)])
+                scale = scale.reshape(-1, *([1] * d), *([1] * (core.dim() - d - 1)))
             dir_core = adam(0, g_core, scale)
             # only the part of a K-step orthogonal to U reaches the update (the part inside span(U) is the core's
             # step), so the moments see only that part: the in-span gradient would inflate the second moment
             normal = [k - u @ (u.transpose(-1, -2) @ k) for u, k in zip(factors, k_grads)]
+            if basis_step is not None:  # the moments of K are updated once per move of the bases
+                c1, c2 = 1 - beta1**basis_step, 1 - beta2**basis_step
             dir_factors = [adam(1 + i, k) for i, k in enumerate(normal)]
         else:
             dir_core, dir_factors = g_core, k_grads
@@ -532,7 +574,7 @@ class TuckerOptimizer(Optimizer):
         old_block = core - lam * dir_core
         if group["weight_decay"]:
             old_block = old_block - lam * group["weight_decay"] * core
-        k_steps = [-lam * direction for direction in dir_factors]
+        k_steps = [-lam_bases * direction for direction in dir_factors]
         k_norms = [
             torch.linalg.norm((u @ r + k).flatten(1), dim=1) for u, (_, r, _), k in zip(factors, polars, k_steps)
         ]
@@ -563,11 +605,81 @@ class TuckerOptimizer(Optimizer):
             moments=moments,
             old_ranks=old,
             decided=[st.get("decided_ranks") for st in states],
-            decide=lam > 0
+            # a decision is due when one of its steps (every rank_interval after rank_warmup) lies since the last
+            # move of the bases (with basis_interval 1: this step)
+            decide=lam_bases > 0
             and step > group["rank_warmup"]
-            and (step - group["rank_warmup"]) % group["rank_interval"] == 0,
-            frozen=lam == 0,
+            and (step - group["rank_warmup"]) // group["rank_interval"]
+            > (step - group["basis_interval"] - group["rank_warmup"]) // group["rank_interval"],
+            frozen=lam_bases == 0,
+            basis_step=basis_step,
         )
+
+    def _core_steps(self, groups: list[dict]) -> _CoreSteps:
+        """A step of the cores alone for the layers whose bases do not move this step (``basis_interval``): the
+        same Adam (or SGD) step of ``C`` as in :meth:`_augment`, for all layers at once (``torch._foreach`` ops, no
+        per-layer ops), and the basis gradients added to their sums for the next move.  Nothing is written here."""
+        copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+        assign: list[tuple[dict, str, Any]] = []
+        checked: list[torch.Tensor] = []
+        by_settings: dict[tuple, list[dict]] = {}
+        for group in groups:
+            by_settings.setdefault((group["direction"], group["betas"], group["eps"]), []).append(group)
+        for (direction, (beta1, beta2), eps), members in by_settings.items():
+            cores = [g["params"][0] for g in members]
+            grads = [c.grad for c in cores]
+            states = [self.state[c] for c in cores]
+            steps = [st.get("step", 0) + 1 for st in states]
+            if direction == "adam":
+                m = [st["exp_avg"] if "exp_avg" in st else torch.zeros_like(c) for st, c in zip(states, cores)]
+                v = [st["exp_avg_sq"] if "exp_avg_sq" in st else torch.zeros_like(c) for st, c in zip(states, cores)]
+                m = torch._foreach_mul(m, beta1)
+                torch._foreach_add_(m, grads, alpha=1 - beta1)
+                v = torch._foreach_mul(v, beta2)
+                torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+                update = torch._foreach_div(v, [1 - beta2**s for s in steps])
+                torch._foreach_sqrt_(update)
+                torch._foreach_add_(update, eps)
+                update = torch._foreach_div(m, update)
+                step_sizes = [
+                    -g["lr"] * _core_scale(g, st) / (1 - beta1**s) for g, st, s in zip(members, states, steps)
+                ]
+                torch._foreach_mul_(update, step_sizes)
+                for st, m_new, v_new in zip(states, m, v):
+                    if "exp_avg" in st:
+                        copies.extend(((st["exp_avg"], m_new), (st["exp_avg_sq"], v_new)))
+                    else:
+                        assign.extend(((st, "exp_avg", m_new), (st, "exp_avg_sq", v_new)))
+            else:
+                update = torch._foreach_mul(grads, [-g["lr"] for g in members])
+            if any(g["weight_decay"] for g in members):
+                new = torch._foreach_mul(cores, [1 - g["lr"] * g["weight_decay"] for g in members])
+                torch._foreach_add_(new, update)
+            else:
+                new = torch._foreach_add(cores, update)
+            copies.extend(zip(cores, new))
+            checked.extend(new)
+            factors = [u for g in members for u in g["params"][1:]]
+            factor_grads = [u.grad for u in factors]
+            checked.extend(factor_grads)
+            sums = [self.state[u].get("grad_sum") for u in factors]
+            if all(t is not None for t in sums):
+                copies.extend(zip(sums, torch._foreach_add(sums, factor_grads)))
+            else:  # the first core step after a move of the bases: new sums, one op for all layers
+                if any(t is not None for t in sums):  # (only a layer that had no gradient for a while)
+                    factor_grads = [g if t is None else g + t for g, t in zip(factor_grads, sums)]
+                new_sums = torch._foreach_mul(factor_grads, 1.0)
+                assign.extend((self.state[u], "grad_sum", t) for u, t in zip(factors, new_sums))
+            for g, st, s in zip(members, states, steps):
+                assign.extend(
+                    (
+                        (st, "step", s),
+                        (st, "lr_sum", st.get("lr_sum", 0.0) + g["lr"]),
+                        (st, "core_steps", st.get("core_steps", 0) + 1),
+                    )
+                )
+        finite = torch.isfinite(torch.stack(torch._foreach_norm(checked)).sum())
+        return _CoreSteps(finite=finite, copies=copies, assign=assign)
 
     def _rank_decisions(self, plan: _Batch, norms: list[float], sigmas: list[list[list[float]]]) -> list[_Decision]:
         """Per layer of a batch: the ranks to keep (host arithmetic on the synchronised singular values).
@@ -700,6 +812,8 @@ class TuckerOptimizer(Optimizer):
                 for index, param in enumerate(params):
                     old = self.state.get(param, {})
                     state = {"step": plan.step, "decided_ranks": list(rec.decided)} if index == 0 else {}
+                    if index == 0 and plan.basis_step is not None:
+                        state["basis_step"] = plan.basis_step
                     if per_moment:
                         m, v = per_moment[index][0][j], per_moment[index][1][j]
                         if old.get("exp_avg") is not None and old["exp_avg"].shape == m.shape:
@@ -788,6 +902,17 @@ def _migrate_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
         for i, index in enumerate(factor_indices):
             migrated[index] = {"exp_avg": old[f"exp_avg_K{i}"], "exp_avg_sq": old[f"exp_avg_sq_K{i}"]}
     return {**state_dict, "state": migrated}
+
+
+def _core_scale(group: dict, state: dict) -> float:
+    """Factor of a layer's core Adam direction (``adaptive_scale``; ``"auto"``: :func:`auto_adaptive_scale` at the
+    decided ranks, so that candidate directions held between decisions do not dilute the step)."""
+    scale = group["adaptive_scale"]
+    if scale != "auto":
+        return scale
+    core, *factors = group["params"]
+    ranks = state.get("decided_ranks", [u.shape[1] for u in factors])
+    return auto_adaptive_scale(group["reference_size"], math.prod(ranks) * math.prod(core.shape[len(factors) :]))
 
 
 def _layer_size(layer: TuckerLayer, adapter_name: str, ranks) -> int:
