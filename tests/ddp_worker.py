@@ -39,12 +39,13 @@ def batches(steps: int, size: int = 16):
 
 def main() -> None:
     out_dir, steps = sys.argv[1], int(sys.argv[2])
+    basis_interval = int(sys.argv[3]) if len(sys.argv) > 3 else 1
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     model = build()
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-2)
-    tucker = tucker_peft.attach(optimizer, model)  # before DDP wraps the model
+    tucker = tucker_peft.attach(optimizer, model, basis_interval=basis_interval)  # before DDP wraps the model
     ddp = DistributedDataParallel(model)
     for batch in batches(steps):
         part = {k: v[rank::world] for k, v in batch.items()}

@@ -45,8 +45,7 @@ def test_core_steps_between_basis_moves_are_adam_steps_of_the_cores():
         [
             {
                 "params": [layer.core("default")],
-                "lr": 1e-2
-                * auto_adaptive_scale(lora_reference_size(layer, "default"), layer.core("default").numel()),
+                "lr": 1e-2 * auto_adaptive_scale(lora_reference_size(layer, "default"), layer.core("default").numel()),
             }
             for layer in ref_layers
         ],
@@ -108,7 +107,9 @@ def test_a_basis_move_is_the_step_of_the_interval_mean_gradient():
             layer.get_delta_weight("default"), twin_layer.get_delta_weight("default"), atol=1e-6, rtol=1e-5
         )
     # the sums are consumed by the move
-    assert all("grad_sum" not in update.state[u] for layer in update.layers().values() for u in layer.factors("default"))
+    assert all(
+        "grad_sum" not in update.state[u] for layer in update.layers().values() for u in layer.factors("default")
+    )
 
 
 def test_resuming_within_an_interval_continues_exactly():

@@ -18,10 +18,11 @@ STEPS = 8
 
 
 @pytest.mark.slow
-def test_two_process_ddp_agrees(tmp_path):
+@pytest.mark.parametrize("basis_interval", [1, 3])
+def test_two_process_ddp_agrees(tmp_path, basis_interval):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += [os.path.join(os.path.dirname(__file__), "ddp_worker.py"), str(tmp_path), str(STEPS)]
+    cmd += [os.path.join(os.path.dirname(__file__), "ddp_worker.py"), str(tmp_path), str(STEPS), str(basis_interval)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     first, second = torch.load(tmp_path / "ddp_result.pt", weights_only=False)
@@ -34,15 +35,15 @@ def test_two_process_ddp_agrees(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _single_process_matches(first)
+        _single_process_matches(first, basis_interval)
     finally:
         torch.set_num_threads(threads)
 
 
-def _single_process_matches(first):
+def _single_process_matches(first, basis_interval):
     model = ddp_worker.build()
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-2)
-    tucker = tucker_peft.attach(optimizer, model)
+    tucker = tucker_peft.attach(optimizer, model, basis_interval=basis_interval)
     for batch in ddp_worker.batches(STEPS):
         halves = [{k: v[i::2] for k, v in batch.items()} for i in range(2)]
         optimizer.zero_grad()
