@@ -26,6 +26,7 @@ sys.path.insert(0, HERE)
 import run as bench  # noqa: E402
 
 GRID = ["1e-3", "5e-4", "5e-3", "2e-3"]
+DEFAULT_OUT = os.path.join(bench.ROOT, "benchmarks", "results", "glue_tuning.json")
 BASE = {m: bench.METHODS[m] for m in ("tucker", "lora", "lora_r2", "adalora")}  # without the learning rate
 
 
@@ -78,7 +79,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out_dir", default=os.path.join(bench.ROOT, "outputs", "glue-tuning"))
     parser.add_argument("--tucker_args", default=None, help="replace tucker's fixed arguments (e.g. another tau)")
-    parser.add_argument("--out", default=os.path.join(bench.ROOT, "benchmarks", "results", "glue_tuning.json"))
+    parser.add_argument("--out", default=DEFAULT_OUT)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -92,7 +93,10 @@ def main() -> None:
         BASE["tucker"] = args.tucker_args
     header = {
         "command": f".venv/bin/python benchmarks/glue/tune.py --tasks {args.tasks} --methods {args.methods} "
-        f"--grid {args.grid}" + (f" --tucker_args '{args.tucker_args}'" if args.tucker_args else ""),
+        f"--grid {args.grid}"
+        + (f" --seed {args.seed}" if args.seed else "")
+        + (f" --tucker_args '{args.tucker_args}'" if args.tucker_args else "")
+        + (f" --out {os.path.relpath(args.out, bench.ROOT)}" if args.out != DEFAULT_OUT else ""),
         "date": date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {args.workers} worker(s)",
         "grid": {m: {"args": BASE[m], "learning_rates": [float(lr) for lr in GRID]} for m in methods},
