@@ -102,7 +102,9 @@ class ModelArguments:
     rank_warmup: int = field(default=0, metadata={"help": "tucker: steps at the initial ranks before deciding."})
     rank_interval: int = field(default=1, metadata={"help": "tucker: a rank decision every N steps."})
     rank_headroom: int = field(default=1, metadata={"help": "tucker: ranks held between decisions (x decided)."})
-    basis_interval: int = field(default=1, metadata={"help": "tucker: the bases move every N steps, the core every step."})
+    basis_interval: int = field(
+        default=1, metadata={"help": "tucker: the bases move every N steps, the core every step."}
+    )
     adalora_target_r: int = field(default=4, metadata={"help": "adalora: average final rank."})
     ignore_mismatched_sizes: bool = field(
         default=False, metadata={"help": "Re-initialise a classifier head whose size differs from num_labels."}
