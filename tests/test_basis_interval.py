@@ -76,10 +76,11 @@ def test_core_steps_between_basis_moves_are_adam_steps_of_the_cores():
 def test_a_basis_move_is_the_step_of_the_interval_mean_gradient():
     """Known answer (plain direction): the k-th step equals a step with ``basis_interval=1`` whose basis gradients
     are the interval's mean, whose learning rate is the interval's sum of learning rates, and whose core gradient is
-    scaled so that the core still moves by this step's learning rate alone."""
+    scaled so that the core still moves by this step's learning rate alone.  (With ``tau = 0``: the rank decision of
+    a move judges the new directions at one step's size, which the twin does not.)"""
     batch = _batch()
     model = _model()
-    update = TuckerOptimizer(model, lr=0.1, direction="sgd", basis_interval=3)
+    update = TuckerOptimizer(model, lr=0.1, direction="sgd", basis_interval=3, tau=0.0)
     lrs = [0.05, 0.1, 0.2]
     sums = None
     for step, lr in enumerate(lrs):
@@ -92,7 +93,7 @@ def test_a_basis_move_is_the_step_of_the_interval_mean_gradient():
         if step < 2:
             update.step()
     twin = copy.deepcopy(model)
-    one = TuckerOptimizer(twin, lr=sum(lrs), direction="sgd")
+    one = TuckerOptimizer(twin, lr=sum(lrs), direction="sgd", tau=0.0)
     twin_layers = [layer for _, layer in iter_tucker_layers(twin)]
     for layer, twin_layer in zip(update.layers().values(), twin_layers):
         twin_layer.core("default").grad = layer.core("default").grad * lrs[-1] / sum(lrs)

@@ -118,6 +118,14 @@ def augmented_core(old_block: torch.Tensor, new_blocks: Sequence[torch.Tensor], 
     return ct
 
 
+def mode_singular_values(ct: torch.Tensor, n_factors: int) -> list[torch.Tensor]:
+    """The singular values ``(B, k)`` of ``Mat_i(Ct)`` per factorized mode (as :func:`mode_svds`, without vectors)."""
+    if n_factors == 2 and ct.dim() == 3:
+        s = torch.linalg.svdvals(ct)
+        return [s, s]
+    return [torch.linalg.svdvals(batched_unfold(ct, i)) for i in range(n_factors)]
+
+
 def mode_svds(ct: torch.Tensor, n_factors: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``(P_i, sigma_i)`` per factorized mode of a batch ``(B, ...)``: left singular vectors ``(B, rt_i, k)`` and
     singular values ``(B, k)`` of ``Mat_i(Ct)``.  A matrix core (two modes, no window) needs one SVD."""

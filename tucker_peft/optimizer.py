@@ -103,6 +103,10 @@ class _Batch:
     factors: list[torch.Tensor]  # augmented bases Ut_i
     svds: list[tuple[torch.Tensor, torch.Tensor]]  # per mode: left singular vectors P_i, singular values
     norm: torch.Tensor  # (B,) ||Ct||_F
+    # what the rank decision reads: ||Ct|| and the singular values, of Ct itself, or with basis_interval of Ct with its
+    # new-direction blocks at one step's size
+    rank_norm: torch.Tensor
+    rank_sigmas: list[torch.Tensor]
     step: int
     moments: list[tuple[torch.Tensor, torch.Tensor]] | None  # Adam (exp_avg, exp_avg_sq) of C, K_0, K_1, ...
     old_ranks: list[int]
@@ -404,8 +408,8 @@ class TuckerOptimizer(Optimizer):
         flags = [plan.finite.all() for plan in plans] + ([core_steps.finite] if core_steps else [])
         device_values = [torch.stack(flags).to(plans[0].norm.dtype if plans else torch.float32)]
         for plan in plans:
-            device_values.append(plan.norm)
-            device_values.extend(sigma.reshape(-1) for _, sigma in plan.svds)
+            device_values.append(plan.rank_norm)
+            device_values.extend(sigma.reshape(-1) for sigma in plan.rank_sigmas)
         values = torch.cat(device_values)
         if self.distributed:  # every process takes the rank decisions of process 0
             torch.distributed.broadcast(values, src=0)
@@ -427,7 +431,7 @@ class TuckerOptimizer(Optimizer):
             norms = values[pos : pos + size]
             pos += size
             sigmas = []
-            for _, sigma in plan.svds:
+            for sigma in plan.rank_sigmas:
                 k = sigma.shape[1]
                 sigmas.append([values[pos + b * k : pos + (b + 1) * k] for b in range(size)])
                 pos += size * k
@@ -526,12 +530,13 @@ class TuckerOptimizer(Optimizer):
         step = states[0].get("step", 0) + 1
         basis_step = None
         lam_bases = lam
+        basis_interval_steps = 1
         if group["basis_interval"] > 1:
             # the bases move once for the steps since their last move: by the mean of those steps' gradients and the
             # sum of their learning rates (the cores took their own steps in between, _core_steps)
             basis_step = states[0].get("basis_step", 0) + 1
             lam_bases = lam + states[0].get("lr_sum", 0.0)
-            count = states[0].get("core_steps", 0) + 1
+            count = basis_interval_steps = states[0].get("core_steps", 0) + 1
             if count > 1:
                 g_factors = [
                     (torch.stack([self.state[g["params"][1 + i]]["grad_sum"] for g, _ in members]) + grad) / count
@@ -594,13 +599,24 @@ class TuckerOptimizer(Optimizer):
             new_blocks.append(block)
             augmented.append(u_aug)
         ct = geometry.augmented_core(old_block, new_blocks, d)
+        svds = geometry.mode_svds(ct, d)
+        norm = torch.linalg.norm(ct.flatten(1), dim=1)
+        rank_norm, rank_sigmas = norm, [sigma for _, sigma in svds]
+        if basis_interval_steps > 1:
+            # the new directions carry the steps of the whole interval; they are judged at one step's size, as with
+            # basis_interval 1 (at k times that size more of them clear the tolerance and the ranks grow)
+            judged = geometry.augmented_core(old_block, [b / basis_interval_steps for b in new_blocks], d)
+            rank_norm = torch.linalg.norm(judged.flatten(1), dim=1)
+            rank_sigmas = geometry.mode_singular_values(judged, d)
         return _Batch(
             members=members,
             finite=finite,
             ct=ct,
             factors=augmented,
-            svds=geometry.mode_svds(ct, d),
-            norm=torch.linalg.norm(ct.flatten(1), dim=1),
+            svds=svds,
+            norm=norm,
+            rank_norm=rank_norm,
+            rank_sigmas=rank_sigmas,
             step=step,
             moments=moments,
             old_ranks=old,
