@@ -46,10 +46,12 @@ Moving the bases every k steps (``basis_interval=k``, default 1): the core takes
 (K-steps, augmentation, SVDs, truncation, rank decisions) move once every k steps, by the mean of the k steps' basis
 gradients and with the sum of their learning rates as step size.  The steps in between are one set of
 ``torch._foreach`` ops over all layers (no QR, SVD or host arithmetic per layer), so the heavy part of the update
-is amortised over k steps; averaging the basis gradients also takes noise out of the basis steps.  The new
-directions of a move carry k steps; the rank decision judges them at one step's size (their blocks of the augmented
-core divided by k), as a step with ``basis_interval=1`` would, and the truncation then keeps the leading directions of
-the true augmented core (judged at their full size the ranks grew: SST-2 mean rank 10.8 instead of 4.3 at k = 4).
+is amortised over k steps.  The new directions of a move carry k steps; the rank decision judges them at one step's
+size (their blocks of the augmented core divided by k), as a step with ``basis_interval=1`` would, and the truncation
+then keeps the leading directions of the true augmented core (judged at their full size the ranks grew: SST-2 mean
+rank 10.8 instead of 4.3 at k = 4).  So a move's discarded tail per mode is at most ``tau ||Ct'|| + (1 - 1/k) ||N||``
+(Mirsky's inequality; ``Ct'`` the judged core, ``N`` the new blocks), not ``tau ||Ct||``.  Opt-in: on GLUE it did
+not match k = 1 (``benchmarks/README.md``).
 
 Decoupled weight decay (``weight_decay``) shrinks the core only, never the orthonormal bases.
 
