@@ -184,3 +184,34 @@ def test_core_steps_cost_the_same_ops_for_more_layers_and_far_fewer_than_a_basis
     core_step, move = counts[6][0], counts[6][-1]
     assert counts[6][:5] == [core_step] * 5
     assert 5 * core_step < move, (core_step, move)
+
+
+def test_a_layer_without_gradient_keeps_its_own_interval():
+    """A layer that gets no gradient in a step is left as it is, and its bases then move on its own count of steps."""
+    model = _model()
+    update = TuckerOptimizer(model, lr=1e-2, basis_interval=3)
+    layers = list(update.layers().values())
+    batch = _batch()
+
+    def step(skip=None):
+        update.zero_grad()
+        model(**batch).loss.backward()
+        if skip is not None:
+            for p in [skip.core("default"), *skip.factors("default")]:
+                p.grad = None
+        bases = [[u.detach().clone() for u in layer.factors("default")] for layer in layers]
+        update.step()
+        return [
+            not all(torch.equal(a, b) for a, b in zip(before, layer.factors("default")))
+            for before, layer in zip(bases, layers)
+        ]
+
+    moved = [step(), step(skip=layers[0]), step(), step(), step()]
+    # layer 0 skipped step 2: its third step (the one that moves its bases) is the 4th, the others' the 3rd
+    assert [m[0] for m in moved] == [False, False, False, True, False]
+    assert [m[1] for m in moved] == [False, False, True, False, False]
+    assert update.state[layers[0].core("default")]["step"] == 4
+    assert update.state[layers[1].core("default")]["step"] == 5
+    for layer in layers:
+        for u in layer.factors("default"):
+            torch.testing.assert_close(u.T @ u, torch.eye(u.shape[1]), atol=1e-5, rtol=0)
