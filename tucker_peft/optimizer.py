@@ -45,7 +45,7 @@ Rank decisions (docs/algorithm.md §4):
 Moving the bases every k steps (``basis_interval=k``, default 1): the core takes its Adam step every step, the bases
 (K-steps, augmentation, SVDs, truncation, rank decisions) move once every k steps, by the mean of the k steps' basis
 gradients and with the sum of their learning rates as step size.  The steps in between are one set of
-``torch._foreach`` ops over all layers (no QR, SVD or host arithmetic per layer), so the heavy part of the update
+``torch._foreach`` ops over all layers (no QR, SVD or tensor op per layer), so the heavy part of the update
 is amortised over k steps.  The new directions of a move carry k steps; the rank decision judges them at one step's
 size (their blocks of the augmented core divided by k), as a step with ``basis_interval=1`` would, and the truncation
 then keeps the leading directions of the true augmented core (judged at their full size the ranks grew: SST-2 mean
