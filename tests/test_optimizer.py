@@ -406,6 +406,76 @@ def test_batched_update_equals_one_layer_at_a_time():
             torch.testing.assert_close(p, q, atol=1e-12, rtol=1e-10)
 
 
+class _Stack(nn.Module):
+    """Five equally shaped linear layers, summed (their adapters get different ranks from a rank_pattern)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(24, 20) for _ in range(5))
+
+    def forward(self, x):
+        return sum((i + 1) * layer(x).tanh() for i, layer in enumerate(self.layers))
+
+
+@pytest.mark.parametrize("init_weights", [True, False])
+@pytest.mark.parametrize("basis_interval", [1, 3])
+def test_layers_of_different_ranks_in_one_padded_batch_equal_one_layer_at_a_time(
+    monkeypatch, init_weights, basis_interval
+):
+    """Issue 12: matrix layers of one shape and different ranks are updated as one batch zero-padded to the largest
+    rank; over steps whose ranks change, the deltas, ranks and Adam moments must equal those of updating every
+    layer in its own batch (fp64)."""
+    from tucker_peft import optimizer as optimizer_module
+
+    torch.manual_seed(0)
+    ranks = {f"layers.{i}": r for i, r in enumerate([1, 2, 5, 3, 5])}
+    config = TuckerLoraConfig(target_modules=["0", "1", "2", "3", "4"], r=5, max_rank=5, rank_pattern=ranks, tau=0.1)
+    config.init_weights = init_weights
+    model = get_peft_model(_Stack(), config).double()
+    other = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    data = [
+        (torch.randn(32, 24, generator=g, dtype=torch.float64), torch.randn(32, 20, generator=g, dtype=torch.float64))
+        for _ in range(8)
+    ]
+    settings = dict(lr=3e-2, basis_interval=basis_interval)
+    padded, alone = TuckerOptimizer(model, **settings), TuckerOptimizer(other, **settings)
+    batches_seen = []
+    real = optimizer_module._padded_batches
+
+    def spy(members):
+        parts = real(members)
+        batches_seen.append(len(parts))
+        return parts
+
+    def one_by_one(members):
+        return [[member] for member in members]
+
+    for x, y in data:
+        for m, opt, split in ((model, padded, spy), (other, alone, one_by_one)):
+            monkeypatch.setattr(optimizer_module, "_padded_batches", split)
+            m.zero_grad(set_to_none=True)
+            (m(x) - y).pow(2).mean().backward()
+            opt.step()
+    assert batches_seen and set(batches_seen) == {1}, "the five layers must share one batch"
+    seen_ranks = set()
+    for la, lb in zip(padded._layers, alone._layers):
+        assert la.ranks("default") == lb.ranks("default")
+        seen_ranks.add(la.ranks("default"))
+        torch.testing.assert_close(
+            la.get_delta_weight("default"), lb.get_delta_weight("default"), atol=1e-10, rtol=1e-8
+        )
+        for pa, pb in zip([la.core("default"), *la.factors("default")], [lb.core("default"), *lb.factors("default")]):
+            sa, sb = padded.state[pa], alone.state[pb]
+            assert sa.keys() == sb.keys()
+            if pa.dim() == 2 and pa is not la.core("default"):  # a factor: columns may differ by their sign
+                signs = torch.sign((pa * pb).sum(0))
+                torch.testing.assert_close(pa * signs, pb, atol=1e-10, rtol=1e-8)
+                torch.testing.assert_close(sa["exp_avg"] * signs, sb["exp_avg"], atol=1e-10, rtol=1e-8)
+                torch.testing.assert_close(sa["exp_avg_sq"], sb["exp_avg_sq"], atol=1e-10, rtol=1e-8)
+    assert len(seen_ranks) >= 2, seen_ranks  # the batch really held layers of different ranks
+
+
 def test_a_step_costs_the_same_ops_for_more_equally_shaped_layers():
     """Issue 12: the update's top-level op count (the launch proxy) does not grow with the number of layers of equal
     shapes and ranks (6 vs 24 BERT layers, 36 vs 144 adapters): they share batched ops and one in-place write-back."""

@@ -62,8 +62,11 @@ refused before its step (a global optimizer step pre-hook), unless :func:`tucker
 another, untrained Tucker adapter is active (``set_adapter``) is refused.  The update does one host synchronisation
 per step (the rank decision), independent of the number of layers.
 
-Cost: layers of equal shapes, ranks and settings are updated as one batch; layers that keep their ranks are written
-back with one ``torch._foreach_copy_`` for all of them, so a step's op count does not grow with the number of layers.
+Cost: layers of equal shapes and settings are updated as one batch: matrix layers (linear layers) of any ranks, zero-
+padded to the batch's largest rank (:class:`_Padding`; equal, up to round-off, to updating each at its own rank),
+other layers per ranks.  Layers are stacked, cut back to their ranks and written back (one ``torch._foreach_copy_``
+for all layers that keep their ranks) in a fixed number of ops, so a step's op count does not grow with the number
+of layers or the spread of their ranks; only a layer whose ranks change adds ops of its own (new tensors).
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -114,11 +117,79 @@ class _Batch:
     rank_sigmas: list[torch.Tensor]
     step: int
     moments: list[tuple[torch.Tensor, torch.Tensor]] | None  # Adam (exp_avg, exp_avg_sq) of C, K_0, K_1, ...
-    old_ranks: list[int]
+    old_ranks: list[int]  # the widths of the stacked factors (the common, padded width with ``padding``)
+    member_ranks: list[list[int]]  # per layer, its own ranks before the step
+    available: list[int] | None  # with padding: per layer, how many singular values per mode are its own
     decided: list[list[int] | None]  # per layer, the ranks of the last decision
     decide: bool  # a rank decision is due
     frozen: bool  # lr = 0: no rank information
     basis_step: int | None  # moves of the bases so far, this one included (None: every step moves them)
+
+
+class _Padding:
+    """Stacking of matrix layers (square cores ``(r_b, r_b)``, factors ``(n, r_b)``) of different ranks ``r_b`` into one
+    batch, zero-padded to the largest rank ``r``: the update of such a batch equals updating each layer at its own
+    rank (:func:`geometry.matrix_polars` and :func:`geometry.new_directions` keep the padding out of every real
+    block), so a step costs a fixed number of ops per shape class, whatever the spread of the ranks.
+
+    Stacking takes a fixed number of ops for any number of tensors: factors are concatenated along their columns
+    (with one zero column) and gathered; cores go through one ``block_diag`` and one gather."""
+
+    def __init__(self, ranks: list[int], like: torch.Tensor) -> None:
+        width = max(ranks)
+        self.ranks, self.width, self.device = ranks, width, like.device
+        self._columns: dict[int, torch.Tensor] = {}
+        # the permutation (as a matrix: products with it are exact) that puts each layer's real columns of
+        # [U, K-step] first, its transpose, and the padded slots (1 where padded), in one tensor
+        eye = [[float(i == j) for j in range(2 * width)] for i in range(2 * width)]
+        perm, perm_t, padded = [], [], []
+        for r in ranks:
+            order = [*range(r), *range(width, width + r), *range(r, width), *range(width + r, 2 * width)]
+            perm.append([[eye[order[c]][a] for c in range(2 * width)] for a in range(2 * width)])
+            perm_t.append([[eye[order[a]][c] for c in range(2 * width)] for a in range(2 * width)])
+            flags = [float(j >= r) for j in range(width)] + [0.0] * width
+            padded.append([flags] + [[0.0] * (2 * width)] * (2 * width - 1))
+        values = torch.tensor([perm, perm_t, padded], dtype=like.dtype, device=like.device)
+        self.order = (values[0], values[1])
+        self.padded = values[2, :, 0, :width] > 0  # (B, width)
+
+    def columns(self, count: int) -> torch.Tensor:
+        """``(count * B, width)``: for ``count`` lists of the layers' tensors concatenated (ranks ``r_b``, then one
+        zero slot), where each padded slot comes from."""
+        if count not in self._columns:
+            total = sum(self.ranks)
+            rows, offset = [], 0
+            for _ in range(count):
+                for r in self.ranks:
+                    rows.append([offset + j if j < r else count * total for j in range(self.width)])
+                    offset += r
+            self._columns[count] = torch.tensor(rows, device=self.device)
+        return self._columns[count]
+
+    def factors(self, lists: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+        """``(B, n, width)`` per list of factor-shaped tensors ``(n, r_b)``."""
+        n, size = lists[0][0].shape[0], len(self.ranks)
+        flat = torch.cat([t for tensors in lists for t in tensors] + [lists[0][0].new_zeros(n, 1)], dim=1)
+        index = self.columns(len(lists)).reshape(-1)
+        return list(flat.index_select(1, index).view(n, len(lists), size, self.width).permute(1, 2, 0, 3).unbind(0))
+
+    def cores(self, lists: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+        """``(B, width, width)`` per list of core-shaped tensors ``(r_b, r_b)``."""
+        blocks = torch.nn.functional.pad(torch.block_diag(*(t for tensors in lists for t in tensors)), (0, 1, 0, 1))
+        index = self.columns(len(lists))
+        stacked = blocks[index[:, :, None], index[:, None, :]]
+        return list(stacked.view(len(lists), len(self.ranks), self.width, self.width).unbind(0))
+
+
+class _Stacked(NamedTuple):
+    """One parameter (``C`` or a ``U_i``) of every layer of a batch, stacked (or padded, :class:`_Padding`), with its
+    gradient, its Adam moments and (``basis_interval``) its gradient sum, where the step uses them."""
+
+    param: torch.Tensor
+    grad: torch.Tensor
+    exp_avg: torch.Tensor | None
+    exp_avg_sq: torch.Tensor | None
+    grad_sum: torch.Tensor | None
 
 
 @dataclass
@@ -352,6 +423,7 @@ class TuckerOptimizer(Optimizer):
         if _GLOBAL_HOOK is None:
             _GLOBAL_HOOK = register_optimizer_step_pre_hook(_refuse_optimizers_holding_factors)
         self.skipped_steps = 0
+        self._paddings: dict[tuple, _Padding] = {}  # by (ranks of a batch's layers, device, dtype)
         #: all-reduce the factor gradients and broadcast the rank decision (set by :func:`tucker_peft.attach` when
         #: training with DDP, whose own reduction must ignore the factors since their shapes change)
         self.distributed = False
@@ -400,13 +472,21 @@ class TuckerOptimizer(Optimizer):
             if (state.get("step", 0) + 1) % group["basis_interval"]:
                 core_only.append(group)
                 continue
-            settings = tuple((k, repr(v)) for k, v in sorted(group.items()) if k not in ("params", "name"))
-            key = (tuple(p.shape for p in group["params"]), core.dtype, core.device, settings)
-            key += (state.get("step", 0), state.get("lr_sum", 0.0))
+            # (the reference size only sets a per-layer factor of the core's step)
+            settings = tuple(
+                (k, repr(v)) for k, v in sorted(group.items()) if k not in ("params", "name", "reference_size")
+            )
+            # matrix layers of any ranks share a batch (padded, _Padding); other layers need equal shapes
+            shapes = (
+                tuple(u.shape[0] for u in factors)
+                if core.dim() == 2 and len(factors) == 2
+                else tuple(p.shape for p in group["params"])
+            )
+            key = (shapes, core.dtype, core.device, settings, state.get("step", 0), state.get("lr_sum", 0.0))
             batches.setdefault(key, []).append((group, layer))
         if not batches and not core_only:
             return loss
-        plans = [self._augment(members) for members in batches.values()]
+        plans = [self._augment(part) for members in batches.values() for part in _padded_batches(members)]
         core_steps = self._core_steps(core_only) if core_only else None
 
         # the one host synchronisation of the step: finiteness and every layer's singular values
@@ -438,7 +518,8 @@ class TuckerOptimizer(Optimizer):
             sigmas = []
             for sigma in plan.rank_sigmas:
                 k = sigma.shape[1]
-                sigmas.append([values[pos + b * k : pos + (b + 1) * k] for b in range(size)])
+                own = plan.available or [k] * size  # a padded layer's own singular values come first
+                sigmas.append([values[pos + b * k : pos + b * k + own[b]] for b in range(size)])
                 pos += size * k
             decisions.append(self._rank_decisions(plan, norms, sigmas))
         if self.budget is not None and any(plan.decide for plan in plans):
@@ -522,32 +603,69 @@ class TuckerOptimizer(Optimizer):
         """Phase 1 for a batch of equally shaped layers, on the device: directions, moments, augmented bases and
         cores, SVDs of ``Ct``.  Nothing is written to the layers or the optimizer state here."""
         group = members[0][0]
-        params = [torch.stack(ps) for ps in zip(*(g["params"] for g, _ in members))]
-        grads = [torch.stack([p.grad for p in ps]) for ps in zip(*(g["params"] for g, _ in members))]
-        core, *factors = params
+        member_ranks = [[u.shape[1] for u in g["params"][1:]] for g, _ in members]
+        padding = None
+        if any(r != member_ranks[0] for r in member_ranks):  # matrix layers of different ranks (_padded_batches)
+            ranks = [r[0] for r in member_ranks]
+            core = group["params"][0]
+            key = (tuple(ranks), core.device, core.dtype)
+            padding = self._paddings.get(key)
+            if padding is None:
+                if len(self._paddings) > 64:
+                    self._paddings.clear()
+                padding = self._paddings[key] = _Padding(ranks, core)
+
+        def stack(index: int, lists: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+            # per list: the tensors of params[index] of every member (C: index 0, U_i: 1 + i), or shaped like them
+            if padding is not None:
+                return padding.cores(lists) if index == 0 else padding.factors(lists)
+            flat = torch.stack([t for tensors in lists for t in tensors])
+            return list(flat.unflatten(0, (len(lists), len(members))).unbind(0))
+
+        states = [self.state[g["params"][0]] for g, _ in members]  # the core's state holds step and decided ranks
+        # with basis_interval, the gradients of the factors summed since the last move of the bases
+        count = states[0].get("core_steps", 0) + 1 if group["basis_interval"] > 1 else 1
+        stacked = []
+        for index, ps in enumerate(zip(*(g["params"] for g, _ in members))):
+            lists = [list(ps), [p.grad for p in ps]]
+            # (with basis_interval, a core has moments from its own steps before its bases have any)
+            with_moments = group["direction"] == "adam" and "exp_avg" in self.state[ps[0]]
+            if with_moments:
+                lists += [[self.state[p]["exp_avg"] for p in ps], [self.state[p]["exp_avg_sq"] for p in ps]]
+            if index > 0 and count > 1:
+                lists.append([self.state[p]["grad_sum"] for p in ps])
+            batch = stack(index, lists)
+            stacked.append(
+                _Stacked(
+                    param=batch[0],
+                    grad=batch[1],
+                    exp_avg=batch[2] if with_moments else None,
+                    exp_avg_sq=batch[3] if with_moments else None,
+                    grad_sum=batch[-1] if index > 0 and count > 1 else None,
+                )
+            )
+        core, *factors = (t.param for t in stacked)
         d = len(factors)
         lam = group["lr"]
         rcond = geometry.default_rcond(core.dtype)
         rel_eps = 10 * torch.finfo(core.dtype).eps
-        g_core, *g_factors = grads
-        states = [self.state[g["params"][0]] for g, _ in members]  # the core's state holds step and decided ranks
+        g_core, *g_factors = (t.grad for t in stacked)
         old = [u.shape[2] for u in factors]
         step = states[0].get("step", 0) + 1
         basis_step = None
         lam_bases = lam
-        basis_interval_steps = 1
         if group["basis_interval"] > 1:
             # the bases move once for the steps since their last move: by the mean of those steps' gradients and the
             # sum of their learning rates (the cores took their own steps in between, _core_steps)
             basis_step = states[0].get("basis_step", 0) + 1
             lam_bases = lam + states[0].get("lr_sum", 0.0)
-            count = basis_interval_steps = states[0].get("core_steps", 0) + 1
             if count > 1:
-                g_factors = [
-                    (torch.stack([self.state[g["params"][1 + i]]["grad_sum"] for g, _ in members]) + grad) / count
-                    for i, grad in enumerate(g_factors)
-                ]
-        polars = [geometry.unfolding_polar(core, i, rcond) for i in range(d)]
+                g_factors = [(t.grad_sum + grad) / count for t, grad in zip(stacked[1:], g_factors)]
+        padded = padding.padded if padding is not None else None
+        if core.dim() == 3 and d == 2:  # matrix cores: one SVD for both modes
+            polars = geometry.matrix_polars(core, rcond, padded)
+        else:
+            polars = [geometry.unfolding_polar(core, i, rcond, padded) for i in range(d)]
         k_grads = [geometry.k_gradient(g, r_pinv) for g, (_, _, r_pinv) in zip(g_factors, polars)]
 
         moments = None
@@ -558,10 +676,9 @@ class TuckerOptimizer(Optimizer):
 
             def adam(index: int, grad: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
                 # moments of params[index] of every member: torch's layout, self.state[param]["exp_avg"/"exp_avg_sq"]
-                previous = [self.state[g["params"][index]] for g, _ in members]
-                if "exp_avg" in previous[0]:
-                    m = torch.stack([st["exp_avg"] for st in previous]) * beta1 + (1 - beta1) * grad
-                    v = torch.stack([st["exp_avg_sq"] for st in previous]) * beta2 + (1 - beta2) * grad * grad
+                if stacked[index].exp_avg is not None:
+                    m = stacked[index].exp_avg * beta1 + (1 - beta1) * grad
+                    v = stacked[index].exp_avg_sq * beta2 + (1 - beta2) * grad * grad
                 else:
                     m, v = (1 - beta1) * grad, (1 - beta2) * grad * grad
                 moments.append((m, v))
@@ -600,17 +717,19 @@ class TuckerOptimizer(Optimizer):
         old_block, *k_steps = (sanitize(t) for t in (old_block, *k_steps))
         new_blocks, augmented = [], []
         for u, (q, _, _), k_step, k_norm in zip(factors, polars, k_steps, k_norms):
-            u_aug, block = geometry.new_directions(u, k_step, k_norm, q, rel_eps)
+            u_aug, block = geometry.new_directions(
+                u, k_step, k_norm, q, rel_eps, padding.order if padding is not None else None
+            )
             new_blocks.append(block)
             augmented.append(u_aug)
         ct = geometry.augmented_core(old_block, new_blocks, d)
         svds = geometry.mode_svds(ct, d)
         norm = torch.linalg.norm(ct.flatten(1), dim=1)
         rank_norm, rank_sigmas = norm, [sigma for _, sigma in svds]
-        if basis_interval_steps > 1:
+        if count > 1:
             # the new directions carry the steps of the whole interval; they are judged at one step's size, as with
             # basis_interval 1 (at k times that size more of them clear the tolerance and the ranks grow)
-            judged = geometry.augmented_core(old_block, [b / basis_interval_steps for b in new_blocks], d)
+            judged = geometry.augmented_core(old_block, [b / count for b in new_blocks], d)
             rank_norm = torch.linalg.norm(judged.flatten(1), dim=1)
             rank_sigmas = geometry.mode_singular_values(judged, d)
         return _Batch(
@@ -625,6 +744,9 @@ class TuckerOptimizer(Optimizer):
             step=step,
             moments=moments,
             old_ranks=old,
+            member_ranks=member_ranks,
+            # a layer's own augmented core has r_b + min(r_b, n - r_b) rows and columns (= 2 r_b: n >= 2 width)
+            available=[2 * r[0] for r in member_ranks] if padding is not None else None,
             decided=[st.get("decided_ranks") for st in states],
             # a decision is due when one of its steps (every rank_interval after rank_warmup) lies since the last
             # move of the bases (with basis_interval 1: this step)
@@ -712,11 +834,11 @@ class TuckerOptimizer(Optimizer):
         dense = tuple(plan.ct.shape[len(plan.factors) + 1 :])
         out = []
         for b, (group, layer) in enumerate(plan.members):
-            decided = plan.decided[b] or plan.old_ranks
+            decided = plan.decided[b] or plan.member_ranks[b]
             frozen = plan.frozen or not norms[b] > 0
             layer_sigmas = [per_mode[b] for per_mode in sigmas]
             if frozen:
-                ranks = plan.old_ranks
+                ranks = plan.member_ranks[b]
             elif plan.decide:
                 ranks = decided = geometry.truncation_ranks(
                     layer_sigmas, group["tau"] * norms[b], group["min_rank"], group["max_rank"], dense
@@ -788,10 +910,11 @@ class TuckerOptimizer(Optimizer):
         (batched), then each layer keeps its leading ``decisions[b].ranks`` of them (identity projections for a
         frozen layer, :meth:`_rank_decisions`).
 
-        Layers that keep the same ranks are cut together (one slice per tensor of the batch, then ``unbind``), and a
-        parameter or moment whose shape does not change is only appended to ``copies`` (destination, source): the
-        caller writes all of them with one ``torch._foreach_copy_``, so a step adds no per-layer ops unless ranks
-        change.  A layer whose ranks change gets new tensors (:meth:`TuckerLayer.set_factors`)."""
+        Every layer's tensors are cut from the batch in a fixed number of ops (factors and their moments: one gather
+        and split; cores and theirs: one slice per distinct ranks, :func:`_cut_leading`), and a parameter or moment
+        whose shape does not change is only appended to ``copies`` (destination, source): the caller writes all of
+        them with one ``torch._foreach_copy_``, so a step adds no per-layer ops unless ranks change.  A layer whose
+        ranks change gets new tensors (:meth:`TuckerLayer.set_factors`)."""
         ct = plan.ct
         frozen = [rec.frozen for rec in decisions]
         projections = [p for p, _ in plan.svds]
@@ -803,46 +926,37 @@ class TuckerOptimizer(Optimizer):
             ]
         core, factors = geometry.truncate(ct, plan.factors, projections)
         moments = self._transport_moments(plan.moments, projections, plan.old_ranks, tuple(ct.shape[1:]))
-        by_ranks: dict[tuple[int, ...], list[int]] = {}
-        for b, rec in enumerate(decisions):
-            by_ranks.setdefault(tuple(rec.ranks), []).append(b)
-        for ranks, members in by_ranks.items():
-            keep = [tuple(slice(0, r) for r in ranks), *((slice(None), slice(0, r)) for r in ranks)]
-            # per parameter (C, U_0, ...): the batched tensors of these members, cut to their ranks
-            values = [core, *factors]
-            moment_values = list(moments) if moments is not None else []
-            if len(members) < len(decisions):
-                index = torch.tensor(members, device=ct.device)
-                values = [v.index_select(0, index) for v in values]
-                moment_values = [(m.index_select(0, index), v.index_select(0, index)) for m, v in moment_values]
-            per_param = [v[(slice(None), *k)].unbind(0) for v, k in zip(values, keep)]
-            per_moment = [
-                (m[(slice(None), *k)].unbind(0), v[(slice(None), *k)].unbind(0))
-                for (m, v), k in zip(moment_values, keep)
-            ]
-            for j, b in enumerate(members):
-                (group, layer), rec = plan.members[b], decisions[b]
-                params = group["params"]
-                new = [t[j] for t in per_param]
-                if all(p.shape == n.shape for p, n in zip(params, new)):
-                    copies.extend(zip(params, new))
-                    for p in params:
-                        p.grad = None
-                else:
-                    layer.set_factors(self.adapter_name, new[0], new[1:])
-                for index, param in enumerate(params):
-                    old = self.state.get(param, {})
-                    state = {"step": plan.step, "decided_ranks": list(rec.decided)} if index == 0 else {}
-                    if index == 0 and plan.basis_step is not None:
-                        state["basis_step"] = plan.basis_step
-                    if per_moment:
-                        m, v = per_moment[index][0][j], per_moment[index][1][j]
-                        if old.get("exp_avg") is not None and old["exp_avg"].shape == m.shape:
-                            copies.extend(((old["exp_avg"], m), (old["exp_avg_sq"], v)))
-                            state["exp_avg"], state["exp_avg_sq"] = old["exp_avg"], old["exp_avg_sq"]
-                        else:
-                            state["exp_avg"], state["exp_avg_sq"] = m.clone(), v.clone()
-                    self.state[param] = state
+        ranks = [tuple(rec.ranks) for rec in decisions]
+        # per parameter (C, U_0, ...): every layer's tensor cut to its ranks; moments likewise (views)
+        cores = _cut_leading([core, *(moments[0] if moments is not None else ())], ranks)
+        per_param, per_moment = [cores[0]], [(cores[1], cores[2])] if moments is not None else []
+        for i, factor in enumerate(factors):
+            cut = _cut_columns([factor, *(moments[1 + i] if moments is not None else ())], [r[i] for r in ranks])
+            per_param.append(cut[0])
+            if moments is not None:
+                per_moment.append((cut[1], cut[2]))
+        for j, ((group, layer), rec) in enumerate(zip(plan.members, decisions)):
+            params = group["params"]
+            new = [t[j] for t in per_param]
+            if all(p.shape == n.shape for p, n in zip(params, new)):
+                copies.extend(zip(params, new))
+                for p in params:
+                    p.grad = None
+            else:
+                layer.set_factors(self.adapter_name, new[0], new[1:])
+            for index, param in enumerate(params):
+                old = self.state.get(param, {})
+                state = {"step": plan.step, "decided_ranks": list(rec.decided)} if index == 0 else {}
+                if index == 0 and plan.basis_step is not None:
+                    state["basis_step"] = plan.basis_step
+                if per_moment:
+                    m, v = per_moment[index][0][j], per_moment[index][1][j]
+                    if old.get("exp_avg") is not None and old["exp_avg"].shape == m.shape:
+                        copies.extend(((old["exp_avg"], m), (old["exp_avg_sq"], v)))
+                        state["exp_avg"], state["exp_avg_sq"] = old["exp_avg"], old["exp_avg_sq"]
+                    else:
+                        state["exp_avg"], state["exp_avg_sq"] = m.clone(), v.clone()
+                self.state[param] = state
 
     @staticmethod
     def _transport_moments(
@@ -904,6 +1018,56 @@ class TuckerOptimizer(Optimizer):
                 + "\n  ".join(problems[:5])
                 + "\nLoad the adapter weights saved at the same step (e.g. the same checkpoint) before the optimizer state."
             )
+
+
+def _cut_leading(batches: list[torch.Tensor], ranks: list[tuple[int, ...]]) -> list[list[torch.Tensor]]:
+    """Per batched tensor ``(B, k_0, ..., *w)`` (a core and its moments, all of one shape), every layer's tensor cut
+    to its ranks ``ranks[b]`` in the leading modes (views).  The tensors are stacked and the layers sorted by their
+    ranks (one gather), then each run of equal ranks is cut with one slice and ``unbind``."""
+    size = len(ranks)
+    order = sorted(range(size), key=ranks.__getitem__)
+    stacked = torch.stack(batches, dim=1)  # (B, T, k_0, ..., *w)
+    if order != list(range(size)):
+        stacked = stacked.index_select(0, torch.tensor(order, device=stacked.device))
+    out: list[list[Any]] = [[None] * size for _ in batches]
+    start = 0
+    while start < size:
+        r = ranks[order[start]]
+        end = start
+        while end < size and ranks[order[end]] == r:
+            end += 1
+        views = stacked[(slice(start, end), slice(None), *(slice(0, x) for x in r))].flatten(0, 1).unbind(0)
+        for j, b in enumerate(order[start:end]):
+            for t, per_layer in enumerate(out):
+                per_layer[b] = views[j * len(batches) + t]
+        start = end
+    return out
+
+
+def _cut_columns(batches: list[torch.Tensor], ranks: list[int]) -> list[list[torch.Tensor]]:
+    """Per batched tensor ``(B, n, k)`` (a factor or its moments), every layer's ``(n, ranks[b])`` leading columns
+    (views), in a fixed number of ops whatever the ranks: the columns to keep are gathered side by side and split."""
+    size, n, k = batches[0].shape
+    if len(set(ranks)) == 1:
+        return [list(batch[:, :, : ranks[0]].unbind(0)) for batch in batches]
+    index = torch.tensor([b * k + j for b, r in enumerate(ranks) for j in range(r)], device=batches[0].device)
+    return [
+        list(batch.transpose(0, 1).reshape(n, size * k).index_select(1, index).split(ranks, dim=1))
+        for batch in batches
+    ]
+
+
+def _padded_batches(members: list[tuple[dict, TuckerLayer]]) -> list[list[tuple[dict, TuckerLayer]]]:
+    """The batches for layers of equal shapes up to their ranks: one padded batch (:class:`_Padding`) when that is
+    exact (matrix layers whose sizes are at least twice the largest rank), else one batch per ranks."""
+    ranks = [tuple(u.shape[1] for u in g["params"][1:]) for g, _ in members]
+    factors = members[0][0]["params"][1:]
+    if len(set(ranks)) == 1 or all(u.shape[0] >= 2 * max(r[0] for r in ranks) for u in factors):
+        return [members]
+    by_ranks: dict[tuple, list] = {}
+    for member, r in zip(members, ranks):
+        by_ranks.setdefault(r, []).append(member)
+    return list(by_ranks.values())
 
 
 def _migrate_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
