@@ -498,3 +498,38 @@ def test_a_step_costs_the_same_ops_for_more_equally_shaped_layers():
         assert len(set(counts[layers])) == 1 and first > counts[layers][0]
         assert {r for v in update.ranks().values() for r in v} == {4}
     assert counts[24] == counts[6], counts
+
+
+def test_a_step_costs_the_same_ops_for_more_layers_of_spread_ranks():
+    """Issue 12: with the ranks spread over 1..4 within every shape class (q/k/v/o, intermediate, output), the update's
+    top-level op count is the same for 6 and 24 BERT layers (36 vs 144 adapters), and at most 1.5x the count with
+    all ranks equal (one batch per shape either way: matrix layers of any ranks share one padded batch, stacked and
+    cut back in a fixed number of ops; one batch per (shape, rank) took 4x)."""
+    names = ["attention.self.query", "attention.self.key", "attention.self.value"]
+    names += ["attention.output.dense", "intermediate.dense", "output.dense"]
+    counts = {}
+    for layers, spread in ((6, 1), (6, 4), (24, 4)):
+        pattern = {f"layer.{i}.{name}": 4 - (i + j) % spread for i in range(layers) for j, name in enumerate(names)}
+        config = TuckerLoraConfig(
+            task_type="SEQ_CLS", r=4, max_rank=4, rank_pattern=pattern, target_modules=BERT_TARGETS
+        )
+        model = get_peft_model(_bert(0, vocab_size=60, num_hidden_layers=layers), config)
+        update = TuckerOptimizer(model, lr=1e-2, rank_warmup=100)  # ranks held at the pattern's
+        batch = {k: torch.stack([r[k] for r in token_task(8)]) for k in ("input_ids", "attention_mask", "labels")}
+
+        def step(model=model, update=update, batch=batch):
+            model.zero_grad(set_to_none=True)
+            model(**batch).loss.backward()
+            return count_top_level_ops(update.step)
+
+        step()  # allocates the moments: a layer's own tensors
+        step()  # builds the padded stacking's indices for moments (cached)
+        counts[layers, spread] = [step() for _ in range(2)]
+        assert len(set(counts[layers, spread])) == 1
+        per_shape = {}
+        for group in update.param_groups:
+            _, *factors = group["params"]
+            per_shape.setdefault(tuple(u.shape[0] for u in factors), set()).add(factors[0].shape[1])
+        assert len(per_shape) == 3 and all(len(r) == spread for r in per_shape.values()), per_shape
+    assert counts[24, 4] == counts[6, 4], counts
+    assert counts[6, 4][0] <= 1.5 * counts[6, 1][0], counts
