@@ -71,6 +71,7 @@ of layers or the spread of their ranks; only a layer whose ranks change adds ops
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 import warnings
@@ -670,31 +671,32 @@ class TuckerOptimizer(Optimizer):
 
         moments = None
         if group["direction"] == "adam":
+            # Adam for C, K_0, K_1, ... at once (foreach ops); moments in torch's layout, state[param]["exp_avg"], ...
             beta1, beta2 = group["betas"]
-            c1, c2 = 1 - beta1**step, 1 - beta2**step
-            moments = []
-
-            def adam(index: int, grad: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-                # moments of params[index] of every member: torch's layout, self.state[param]["exp_avg"/"exp_avg_sq"]
-                if stacked[index].exp_avg is not None:
-                    m = stacked[index].exp_avg * beta1 + (1 - beta1) * grad
-                    v = stacked[index].exp_avg_sq * beta2 + (1 - beta2) * grad * grad
-                else:
-                    m, v = (1 - beta1) * grad, (1 - beta2) * grad * grad
-                moments.append((m, v))
-                return scale * (m / c1) / ((v / c2).sqrt() + group["eps"])
-
+            # only the part of a K-step orthogonal to U reaches the update (the part inside span(U) is the core's
+            # step), so the moments see only that part: the in-span gradient would inflate the second moment
+            normal = [k - u @ (u.transpose(-1, -2) @ k) for u, k in zip(factors, k_grads)]
+            grads = [g_core, *normal]
+            # the moments of K are updated once per move of the bases (basis_interval)
+            steps = [step] + [basis_step or step] * d
+            m = [t.exp_avg if t.exp_avg is not None else torch.zeros_like(g) for t, g in zip(stacked, grads)]
+            v = [t.exp_avg_sq if t.exp_avg_sq is not None else torch.zeros_like(g) for t, g in zip(stacked, grads)]
+            m = torch._foreach_mul(m, beta1)
+            torch._foreach_add_(m, grads, alpha=1 - beta1)
+            v = torch._foreach_mul(v, beta2)
+            torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+            denominators = torch._foreach_div(v, [1 - beta2**t for t in steps])
+            torch._foreach_sqrt_(denominators)
+            torch._foreach_add_(denominators, group["eps"])
+            directions = torch._foreach_div(m, denominators)
+            torch._foreach_mul_(directions, [1 / (1 - beta1**t) for t in steps])
+            moments = list(zip(m, v))
+            dir_core, *dir_factors = directions
             scale = group["adaptive_scale"]
             if scale == "auto":  # per layer, at its decided ranks (candidate directions do not dilute the step)
                 scale = core.new_tensor([_core_scale(g, st) for (g, _), st in zip(members, states)])
                 scale = scale.reshape(-1, *([1] * d), *([1] * (core.dim() - d - 1)))
-            dir_core = adam(0, g_core, scale)
-            # only the part of a K-step orthogonal to U reaches the update (the part inside span(U) is the core's
-            # step), so the moments see only that part: the in-span gradient would inflate the second moment
-            normal = [k - u @ (u.transpose(-1, -2) @ k) for u, k in zip(factors, k_grads)]
-            if basis_step is not None:  # the moments of K are updated once per move of the bases
-                c1, c2 = 1 - beta1**basis_step, 1 - beta2**basis_step
-            dir_factors = [adam(1 + i, k) for i, k in enumerate(normal)]
+            dir_core = dir_core * scale
         else:
             dir_core, dir_factors = g_core, k_grads
 
@@ -1028,7 +1030,7 @@ def _cut_leading(batches: list[torch.Tensor], ranks: list[tuple[int, ...]]) -> l
     order = sorted(range(size), key=ranks.__getitem__)
     stacked = torch.stack(batches, dim=1)  # (B, T, k_0, ..., *w)
     if order != list(range(size)):
-        stacked = stacked.index_select(0, torch.tensor(order, device=stacked.device))
+        stacked = stacked.index_select(0, _order_index(tuple(order), stacked.device))
     out: list[list[Any]] = [[None] * size for _ in batches]
     start = 0
     while start < size:
@@ -1045,16 +1047,32 @@ def _cut_leading(batches: list[torch.Tensor], ranks: list[tuple[int, ...]]) -> l
 
 
 def _cut_columns(batches: list[torch.Tensor], ranks: list[int]) -> list[list[torch.Tensor]]:
-    """Per batched tensor ``(B, n, k)`` (a factor or its moments), every layer's ``(n, ranks[b])`` leading columns
-    (views), in a fixed number of ops whatever the ranks: the columns to keep are gathered side by side and split."""
-    size, n, k = batches[0].shape
+    """Per batched tensor ``(B, n, k)`` (a factor and its moments, all of one shape), every layer's ``(n, ranks[b])``
+    leading columns (views), in a fixed number of ops whatever the ranks: the columns to keep of all tensors are
+    gathered side by side, then split."""
+    count, (size, n, k) = len(batches), batches[0].shape
+    stacked = torch.stack(batches)  # (T, B, n, k)
     if len(set(ranks)) == 1:
-        return [list(batch[:, :, : ranks[0]].unbind(0)) for batch in batches]
-    index = torch.tensor([b * k + j for b, r in enumerate(ranks) for j in range(r)], device=batches[0].device)
-    return [
-        list(batch.transpose(0, 1).reshape(n, size * k).index_select(1, index).split(ranks, dim=1))
-        for batch in batches
-    ]
+        views = stacked[..., : ranks[0]].flatten(0, 1).unbind(0)
+    else:
+        index = _column_index(tuple(ranks), k, count, stacked.device)
+        views = stacked.permute(2, 0, 1, 3).reshape(n, count * size * k).index_select(1, index).split(ranks * count, 1)
+    return [list(views[t * size : (t + 1) * size]) for t in range(count)]
+
+
+@functools.lru_cache(maxsize=256)
+def _order_index(order: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(order, device=device)
+
+
+@functools.lru_cache(maxsize=256)
+def _column_index(ranks: tuple[int, ...], k: int, count: int, device: torch.device) -> torch.Tensor:
+    """For :func:`_cut_columns`: the columns ``j < ranks[b]`` of every layer ``b`` of ``count`` stacked tensors
+    ``(B, n, k)`` laid side by side."""
+    size = len(ranks)
+    return torch.tensor(
+        [(t * size + b) * k + j for t in range(count) for b, r in enumerate(ranks) for j in range(r)], device=device
+    )
 
 
 def _padded_batches(members: list[tuple[dict, TuckerLayer]]) -> list[list[tuple[dict, TuckerLayer]]]:
