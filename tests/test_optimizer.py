@@ -156,10 +156,11 @@ class StaleMomentsOptimizer(TuckerOptimizer):
     """The defect we must not have: moments padded and cut by index, left in the old coordinates."""
 
     @staticmethod
-    def _transport_moments(moments, projections, old_ranks, augmented_shape):
+    def _transport_moments(moments, projections, old_ranks):
         if moments is None:
             return None
         ks = [p.shape[-1] for p in projections]
+        augmented_shape = [p.shape[1] for p in projections] + list(moments[0][0].shape[1 + len(projections) :])
         out = []
         for index, pair in enumerate(moments):
             cut = []

@@ -65,8 +65,9 @@ def unfolding_polar(
     keep = s > rcond * s[..., :1]
     s_inv = torch.where(keep, torch.where(keep, s, 1.0).reciprocal(), 0.0)
     r_pinv = b @ (s_inv[..., :, None] * bh)
-    if padded is not None:
-        return _embed_polar(q, r, r_pinv, padded)
+    if padded is not None:  # the padded blocks set exactly
+        both, identity = _padding_blocks(padded, q.dtype)
+        return torch.where(both, q, identity), torch.where(both, r, 0.0), torch.where(both, r_pinv, 0.0)
     return q, r, r_pinv
 
 
@@ -88,18 +89,17 @@ def matrix_polars(
         right = right_h.transpose(-1, -2)
         out.append((left @ right_h, right @ (s[..., :, None] * right_h), right @ (s_inv[..., :, None] * right_h)))
     if padded is not None:
-        out = [_embed_polar(q, r, r_pinv, padded) for q, r, r_pinv in out]
+        both, identity = _padding_blocks(padded, core.dtype)
+        out = [
+            (torch.where(both, q, identity), torch.where(both, r, 0.0), torch.where(both, p, 0.0)) for q, r, p in out
+        ]
     return out
 
 
-def _embed_polar(
-    q: torch.Tensor, r: torch.Tensor, r_pinv: torch.Tensor, padded: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # the padded blocks set exactly (see unfolding_polar)
+def _padding_blocks(padded: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """For ``padded`` ``(B, r)``: where both indices are real ``(B, r, r)``, and the identity on the padding."""
     real = ~padded
-    both = real[:, :, None] & real[:, None, :]
-    q = torch.where(both, q, torch.diag_embed(padded.to(q.dtype)))
-    return q, torch.where(both, r, 0.0), torch.where(both, r_pinv, 0.0)
+    return real[:, :, None] & real[:, None, :], torch.diag_embed(padded.to(dtype))
 
 
 def k_gradient(factor_grad: torch.Tensor, r_pinv: torch.Tensor) -> torch.Tensor:
@@ -164,6 +164,10 @@ def augmented_core(old_block: torch.Tensor, new_blocks: Sequence[torch.Tensor], 
     ``new_blocks[i]`` ``(B, k_i, m_i)`` is the mode-``i`` unfolding of a tensor whose mode ``i`` has size ``k_i``
     and whose other modes have the old sizes.
     """
+    if n_factors == 2 and old_block.dim() == 3:  # matrix cores: [[C', N_1^T], [N_0, 0]]
+        zeros = old_block.new_zeros(old_block.shape[0], new_blocks[0].shape[1], new_blocks[1].shape[1])
+        top = torch.cat([old_block, new_blocks[1].transpose(-1, -2)], dim=-1)
+        return torch.cat([top, torch.cat([new_blocks[0], zeros], dim=-1)], dim=-2)
     old_shape = list(old_block.shape[1:])
     ks = [b.shape[1] for b in new_blocks]
     shape = [s + (ks[i] if i < n_factors else 0) for i, s in enumerate(old_shape)]

@@ -927,7 +927,7 @@ class TuckerOptimizer(Optimizer):
                 for p in projections
             ]
         core, factors = geometry.truncate(ct, plan.factors, projections)
-        moments = self._transport_moments(plan.moments, projections, plan.old_ranks, tuple(ct.shape[1:]))
+        moments = self._transport_moments(plan.moments, projections, plan.old_ranks)
         ranks = [tuple(rec.ranks) for rec in decisions]
         # per parameter (C, U_0, ...): every layer's tensor cut to its ranks; moments likewise (views)
         cores = _cut_leading([core, *(moments[0] if moments is not None else ())], ranks)
@@ -965,7 +965,6 @@ class TuckerOptimizer(Optimizer):
         moments: list[tuple[torch.Tensor, torch.Tensor]] | None,
         projections: list[torch.Tensor],
         old_ranks: list[int],
-        augmented_shape: tuple[int, ...],
     ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """Carry a batch of Adam moments (of ``C``, ``K_0``, ``K_1``, ...) to the coordinates of the truncated factors,
         before the per-layer cut.
@@ -976,20 +975,17 @@ class TuckerOptimizer(Optimizer):
         """
         if moments is None:
             return None
+        # the zero padding of the new directions meets the rows of P_i below the old ranks only: those rows suffice
+        projections = [p[:, :r] for p, r in zip(projections, old_ranks)]
         squares = [p * p for p in projections]
         out = []
         for index, pair in enumerate(moments):
             carried = []
             for value, projs in zip(pair, (projections, squares)):
                 if index == 0:  # the core
-                    padded = value.new_zeros(value.shape[0], *augmented_shape)
-                    padded[(slice(None), *(slice(0, s) for s in value.shape[1:]))] = value
-                    carried.append(geometry.truncate(padded, [], projs)[0])
+                    carried.append(geometry.truncate(value, [], projs)[0])
                 else:  # K_i, mode i = index - 1
-                    i = index - 1
-                    padded = value.new_zeros(value.shape[0], value.shape[1], augmented_shape[i])
-                    padded[:, :, : old_ranks[i]] = value
-                    carried.append(padded @ projs[i])
+                    carried.append(value @ projs[index - 1])
             out.append((carried[0], carried[1]))
         return out
 
