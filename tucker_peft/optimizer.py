@@ -141,18 +141,12 @@ class _Padding:
         self.ranks, self.width, self.device = ranks, width, like.device
         self._columns: dict[int, torch.Tensor] = {}
         # the permutation (as a matrix: products with it are exact) that puts each layer's real columns of
-        # [U, K-step] first, its transpose, and the padded slots (1 where padded), in one tensor
-        eye = [[float(i == j) for j in range(2 * width)] for i in range(2 * width)]
-        perm, perm_t, padded = [], [], []
-        for r in ranks:
-            order = [*range(r), *range(width, width + r), *range(r, width), *range(width + r, 2 * width)]
-            perm.append([[eye[order[c]][a] for c in range(2 * width)] for a in range(2 * width)])
-            perm_t.append([[eye[order[a]][c] for c in range(2 * width)] for a in range(2 * width)])
-            flags = [float(j >= r) for j in range(width)] + [0.0] * width
-            padded.append([flags] + [[0.0] * (2 * width)] * (2 * width - 1))
-        values = torch.tensor([perm, perm_t, padded], dtype=like.dtype, device=like.device)
-        self.order = (values[0], values[1])
-        self.padded = values[2, :, 0, :width] > 0  # (B, width)
+        # [U, K-step] first, its transpose, and the padded slots
+        order = [[*range(r), *range(width, width + r), *range(r, width), *range(width + r, 2 * width)] for r in ranks]
+        values = torch.tensor([order, [[r] * 2 * width for r in ranks]], device=like.device)
+        perm_t = torch.nn.functional.one_hot(values[0], 2 * width).to(like.dtype)  # [b, c', c] = (order[c'] == c)
+        self.order = (perm_t.transpose(1, 2), perm_t)
+        self.padded = values[1, :, :width] <= torch.arange(width, device=like.device)  # (B, width): j >= r_b
 
     def columns(self, count: int) -> torch.Tensor:
         """``(count * B, width)``: for ``count`` lists of the layers' tensors concatenated (ranks ``r_b``, then one
