@@ -666,7 +666,7 @@ class TuckerOptimizer(Optimizer):
         moments = None
         if group["direction"] == "adam":
             # Adam for C, K_0, K_1, ... at once (foreach ops); moments in torch's layout, state[param]["exp_avg"], ...
-            beta1, beta2 = group["betas"]
+            beta1 = group["betas"][0]
             # only the part of a K-step orthogonal to U reaches the update (the part inside span(U) is the core's
             # step), so the moments see only that part: the in-span gradient would inflate the second moment
             normal = [k - u @ (u.transpose(-1, -2) @ k) for u, k in zip(factors, k_grads)]
@@ -675,14 +675,7 @@ class TuckerOptimizer(Optimizer):
             steps = [step] + [basis_step or step] * d
             m = [t.exp_avg if t.exp_avg is not None else torch.zeros_like(g) for t, g in zip(stacked, grads)]
             v = [t.exp_avg_sq if t.exp_avg_sq is not None else torch.zeros_like(g) for t, g in zip(stacked, grads)]
-            m = torch._foreach_mul(m, beta1)
-            torch._foreach_add_(m, grads, alpha=1 - beta1)
-            v = torch._foreach_mul(v, beta2)
-            torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
-            denominators = torch._foreach_div(v, [1 - beta2**t for t in steps])
-            torch._foreach_sqrt_(denominators)
-            torch._foreach_add_(denominators, group["eps"])
-            directions = torch._foreach_div(m, denominators)
+            m, v, directions = _foreach_adam(m, v, grads, group["betas"], group["eps"], steps)
             torch._foreach_mul_(directions, [1 / (1 - beta1**t) for t in steps])
             moments = list(zip(m, v))
             dir_core, *dir_factors = directions
@@ -772,14 +765,7 @@ class TuckerOptimizer(Optimizer):
             if direction == "adam":
                 m = [st["exp_avg"] if "exp_avg" in st else torch.zeros_like(c) for st, c in zip(states, cores)]
                 v = [st["exp_avg_sq"] if "exp_avg_sq" in st else torch.zeros_like(c) for st, c in zip(states, cores)]
-                m = torch._foreach_mul(m, beta1)
-                torch._foreach_add_(m, grads, alpha=1 - beta1)
-                v = torch._foreach_mul(v, beta2)
-                torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
-                update = torch._foreach_div(v, [1 - beta2**s for s in steps])
-                torch._foreach_sqrt_(update)
-                torch._foreach_add_(update, eps)
-                update = torch._foreach_div(m, update)
+                m, v, update = _foreach_adam(m, v, grads, (beta1, beta2), eps, steps)
                 step_sizes = [
                     -g["lr"] * _core_scale(g, st) / (1 - beta1**s) for g, st, s in zip(members, states, steps)
                 ]
@@ -1010,6 +996,28 @@ class TuckerOptimizer(Optimizer):
                 + "\n  ".join(problems[:5])
                 + "\nLoad the adapter weights saved at the same step (e.g. the same checkpoint) before the optimizer state."
             )
+
+
+def _foreach_adam(
+    exp_avg: list[torch.Tensor],
+    exp_avg_sq: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    betas: tuple[float, float],
+    eps: float,
+    steps: list[int],
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Adam for a list of tensors in one set of ``torch._foreach`` ops: the new moments (the old ones are not
+    modified) and the directions ``m / (sqrt(v / (1 - beta2^t)) + eps)``, without ``m``'s bias correction
+    ``1 / (1 - beta1^t)``, which the caller folds into its step sizes."""
+    beta1, beta2 = betas
+    m = torch._foreach_mul(exp_avg, beta1)
+    torch._foreach_add_(m, grads, alpha=1 - beta1)
+    v = torch._foreach_mul(exp_avg_sq, beta2)
+    torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+    denominators = torch._foreach_div(v, [1 - beta2**t for t in steps])
+    torch._foreach_sqrt_(denominators)
+    torch._foreach_add_(denominators, eps)
+    return m, v, torch._foreach_div(m, denominators)
 
 
 def _cut_leading(batches: list[torch.Tensor], ranks: list[tuple[int, ...]]) -> list[list[torch.Tensor]]:
