@@ -37,27 +37,15 @@ def default_rcond(dtype: torch.dtype) -> float:
     return math.sqrt(torch.finfo(dtype).eps)
 
 
-def unfolding_polar(
-    core: torch.Tensor, mode: int, rcond: float, padded: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def unfolding_polar(core: torch.Tensor, mode: int, rcond: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``Mat_mode(C)^T = Q R`` for a batch of cores ``(B, ...)``: ``Q`` ``(B, m, r)`` orthonormal columns, ``R``
     ``(B, r, r)`` symmetric PSD, and ``R^+``.
 
     From the thin SVD ``Mat^T = A S B^T``: ``Q = A B^T``, ``R = B S B^T``, ``R^+ = B S^+ B^T`` where singular values
     ``<= rcond * max(S)`` are treated as zero (so a zero core gives ``R^+ = 0``: the first step only moves the core).
     Requires ``m >= r`` (a valid Tucker rank).
-
-    ``padded`` ``(B, r)`` (bool, square matrix cores only): the cores are zero-padded from their own ranks to a common
-    width, ``True`` at the padding.  The polar factors are then those of each real core, embedded: ``Q = [Q_b, 0; 0,
-    I]``, ``R = [R_b, 0; 0, 0]``, ``R^+ = [R_b^+, 0; 0, 0]``.  (They are computed from ``[C_b^T, 0; 0, s I]`` with
-    ``s = ||C_b||_2``, whose polar factor is that ``Q`` whenever ``C_b`` is nonsingular, keeps its null directions in
-    the real block when it is not, and whose largest singular value, hence the cutoff, is ``C_b``'s; the padded
-    blocks are then set exactly, so that nothing of round-off size reaches an Adam direction.)
     """
     mat_t = batched_unfold(core, mode).transpose(-1, -2)
-    if padded is not None:
-        spectral = torch.linalg.matrix_norm(mat_t, ord=2)
-        mat_t = mat_t + torch.diag_embed(padded * spectral[:, None])
     a, s, bh = torch.linalg.svd(mat_t, full_matrices=False)
     b = bh.transpose(-1, -2)
     q = a @ bh
@@ -65,9 +53,6 @@ def unfolding_polar(
     keep = s > rcond * s[..., :1]
     s_inv = torch.where(keep, torch.where(keep, s, 1.0).reciprocal(), 0.0)
     r_pinv = b @ (s_inv[..., :, None] * bh)
-    if padded is not None:  # the padded blocks set exactly
-        both, identity = _padding_blocks(padded, q.dtype)
-        return torch.where(both, q, identity), torch.where(both, r, 0.0), torch.where(both, r_pinv, 0.0)
     return q, r, r_pinv
 
 
@@ -76,7 +61,14 @@ def matrix_polars(
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """:func:`unfolding_polar` of both modes of a batch of matrix cores ``(B, r, r)`` from one SVD: with
     ``C^T = A S B^T``, mode 0 gets ``Q = A B^T``, ``R = B S B^T`` and mode 1 (``Mat_1(C)^T = C = B S A^T``)
-    ``Q^T``, ``A S A^T``."""
+    ``Q^T``, ``A S A^T``.
+
+    ``padded`` ``(B, r)`` (bool): the cores are zero-padded from their own ranks to a common width, ``True`` at the
+    padding.  The polar factors are then those of each real core, embedded: ``Q = [Q_b, 0; 0, I]``, ``R = [R_b, 0;
+    0, 0]``, ``R^+ = [R_b^+, 0; 0, 0]``.  (They are computed from ``[C_b^T, 0; 0, s I]`` with ``s = ||C_b||_2``,
+    whose polar factor is that ``Q`` whenever ``C_b`` is nonsingular, keeps its null directions in the real block
+    when it is not, and whose largest singular value, hence the cutoff, is ``C_b``'s; the padded blocks are then set
+    exactly, so that nothing of round-off size reaches an Adam direction.)"""
     mat_t = core.transpose(-1, -2)
     if padded is not None:
         spectral = torch.linalg.matrix_norm(mat_t, ord=2)
@@ -89,17 +81,12 @@ def matrix_polars(
         right = right_h.transpose(-1, -2)
         out.append((left @ right_h, right @ (s[..., :, None] * right_h), right @ (s_inv[..., :, None] * right_h)))
     if padded is not None:
-        both, identity = _padding_blocks(padded, core.dtype)
+        real = ~padded
+        both, identity = real[:, :, None] & real[:, None, :], torch.diag_embed(padded.to(core.dtype))
         out = [
             (torch.where(both, q, identity), torch.where(both, r, 0.0), torch.where(both, p, 0.0)) for q, r, p in out
         ]
     return out
-
-
-def _padding_blocks(padded: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """For ``padded`` ``(B, r)``: where both indices are real ``(B, r, r)``, and the identity on the padding."""
-    real = ~padded
-    return real[:, :, None] & real[:, None, :], torch.diag_embed(padded.to(dtype))
 
 
 def k_gradient(factor_grad: torch.Tensor, r_pinv: torch.Tensor) -> torch.Tensor:
@@ -124,10 +111,11 @@ def new_directions(
         q: ``Q`` ``(B, m, r)`` from :func:`unfolding_polar`.
         rel_eps: directions whose singular value is ``<= rel_eps * ||K'||`` get a zero core block.
         order: for layers zero-padded from their own rank ``r_b`` to the common width ``r`` (``padded`` of
-            :func:`unfolding_polar`): a permutation matrix ``(B, 2r, 2r)`` (and its transpose) whose columns put
-            each layer's real columns ``[U_b, k_step_b]`` first (a product with it is exact).  The QR then factors them as it would without padding (Householder
-            reflectors depend only on the columns to their left); the zero columns at the end get orthonormal
-            directions with zero ``R`` rows, which carry no core entry.  Requires ``n >= 2r``.
+            :func:`matrix_polars`): a permutation matrix ``(B, 2r, 2r)`` (and its transpose) whose columns put each
+            layer's real columns ``[U_b, k_step_b]`` first (a product with it is exact).  The QR then factors them as
+            it would without padding (Householder reflectors depend only on the columns to their left); the zero
+            columns at the end get orthonormal directions with zero ``R`` rows, which carry no core entry.  Requires
+            ``n >= 2r``.
 
     Returns:
         ``Ut = [U', Uhat]`` ``(B, n, r + k)``, ``k = min(r, n - r)``, and the block ``Uhat^T K' Q^T`` ``(B, k, m)``:

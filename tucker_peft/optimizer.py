@@ -660,7 +660,7 @@ class TuckerOptimizer(Optimizer):
         if core.dim() == 3 and d == 2:  # matrix cores: one SVD for both modes
             polars = geometry.matrix_polars(core, rcond, padded)
         else:
-            polars = [geometry.unfolding_polar(core, i, rcond, padded) for i in range(d)]
+            polars = [geometry.unfolding_polar(core, i, rcond) for i in range(d)]
         k_grads = [geometry.k_gradient(g, r_pinv) for g, (_, _, r_pinv) in zip(g_factors, polars)]
 
         moments = None
