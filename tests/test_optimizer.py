@@ -156,7 +156,7 @@ class StaleMomentsOptimizer(TuckerOptimizer):
     """The defect we must not have: moments padded and cut by index, left in the old coordinates."""
 
     @staticmethod
-    def _transport_moments(moments, projections, old_ranks):
+    def _transport_moments(moments, projections, group_projections, old_ranks):
         if moments is None:
             return None
         ks = [p.shape[-1] for p in projections]
@@ -169,11 +169,11 @@ class StaleMomentsOptimizer(TuckerOptimizer):
                     padded = value.new_zeros(value.shape[0], *augmented_shape)
                     padded[(slice(None), *(slice(0, s) for s in value.shape[1:]))] = value
                     cut.append(padded[(slice(None), *(slice(0, k) for k in ks))])
-                else:
-                    i = index - 1
-                    padded = value.new_zeros(value.shape[0], value.shape[1], augmented_shape[i])
-                    padded[:, :, : old_ranks[i]] = value
-                    cut.append(padded[:, :, : ks[i]])
+                else:  # K of a group of factors
+                    p = group_projections[index - 1]
+                    padded = value.new_zeros(value.shape[0], value.shape[1], p.shape[1])
+                    padded[:, :, : old_ranks[index - 1]] = value
+                    cut.append(padded[:, :, : p.shape[2]])
             out.append(tuple(cut))
         return out
 
@@ -418,21 +418,40 @@ class _Stack(nn.Module):
         return sum((i + 1) * layer(x).tanh() for i, layer in enumerate(self.layers))
 
 
+class _Mixed(nn.Module):
+    """Five linear layers of four shapes (24->20, 20->24, 24->24, 24->48, 48->20): their factors have sizes 20, 24 and
+    48, shared across layers and modes (the square layer's two modes have the same size)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(24, 20), nn.Linear(20, 24), nn.Linear(24, 24)
+        self.d, self.e = nn.Linear(24, 48), nn.Linear(48, 20)
+
+    def forward(self, x):
+        h = self.a(x).tanh()
+        g = self.b(h).tanh() + self.c(x).tanh()
+        return h + 2 * self.e(self.d(g).tanh())
+
+
+@pytest.mark.parametrize("shapes", ["equal", "mixed"])
 @pytest.mark.parametrize("init_weights", [True, False])
 @pytest.mark.parametrize("basis_interval", [1, 3])
 def test_layers_of_different_ranks_in_one_padded_batch_equal_one_layer_at_a_time(
-    monkeypatch, init_weights, basis_interval
+    monkeypatch, init_weights, basis_interval, shapes
 ):
-    """Issue 12: matrix layers of one shape and different ranks are updated as one batch zero-padded to the largest
-    rank; over steps whose ranks change, the deltas, ranks and Adam moments must equal those of updating every
-    layer in its own batch (fp64)."""
+    """Issue 12: matrix layers of different ranks (of one shape, or of different shapes whose factors are grouped by
+    their sizes across layers and modes) are updated as one batch zero-padded to the largest rank; over steps whose
+    ranks change, the deltas, ranks and Adam moments must equal those of updating every layer in its own batch
+    (fp64)."""
     from tucker_peft import optimizer as optimizer_module
 
     torch.manual_seed(0)
-    ranks = {f"layers.{i}": r for i, r in enumerate([1, 2, 5, 3, 5])}
-    config = TuckerLoraConfig(target_modules=["0", "1", "2", "3", "4"], r=5, max_rank=5, rank_pattern=ranks, tau=0.1)
+    names = ["0", "1", "2", "3", "4"] if shapes == "equal" else ["a", "b", "c", "d", "e"]
+    prefix = "layers." if shapes == "equal" else ""
+    ranks = {f"{prefix}{name}": r for name, r in zip(names, [1, 2, 5, 3, 5])}
+    config = TuckerLoraConfig(target_modules=names, r=5, max_rank=5, rank_pattern=ranks, tau=0.1)
     config.init_weights = init_weights
-    model = get_peft_model(_Stack(), config).double()
+    model = get_peft_model(_Stack() if shapes == "equal" else _Mixed(), config).double()
     other = copy.deepcopy(model)
     g = torch.Generator().manual_seed(1)
     data = [

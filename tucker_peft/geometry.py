@@ -58,10 +58,10 @@ def unfolding_polar(core: torch.Tensor, mode: int, rcond: float) -> tuple[torch.
 
 def matrix_polars(
     core: torch.Tensor, rcond: float, padded: torch.Tensor | None = None
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`unfolding_polar` of both modes of a batch of matrix cores ``(B, r, r)`` from one SVD: with
     ``C^T = A S B^T``, mode 0 gets ``Q = A B^T``, ``R = B S B^T`` and mode 1 (``Mat_1(C)^T = C = B S A^T``)
-    ``Q^T``, ``A S A^T``.
+    ``Q^T``, ``A S A^T``.  Returns ``Q``, ``R``, ``R^+`` ``(2B, r, r)``: mode 0 of every core, then mode 1.
 
     ``padded`` ``(B, r)`` (bool): the cores are zero-padded from their own ranks to a common width, ``True`` at the
     padding.  The polar factors are then those of each real core, embedded: ``Q = [Q_b, 0; 0, I]``, ``R = [R_b, 0;
@@ -76,16 +76,18 @@ def matrix_polars(
     a, s, bh = torch.linalg.svd(mat_t, full_matrices=False)
     keep = s > rcond * s[..., :1]
     s_inv = torch.where(keep, torch.where(keep, s, 1.0).reciprocal(), 0.0)
-    out = []
-    for left, right_h in ((a, bh), (bh.transpose(-1, -2), a.transpose(-1, -2))):  # mode 0, mode 1
-        right = right_h.transpose(-1, -2)
-        out.append((left @ right_h, right @ (s[..., :, None] * right_h), right @ (s_inv[..., :, None] * right_h)))
+    left = torch.cat([a, bh.transpose(-1, -2)])  # mode 0: A, B^T ... ; mode 1: B, A^T
+    right_h = torch.cat([bh, a.transpose(-1, -2)])
+    right = right_h.transpose(-1, -2)
+    values = torch.cat([s, s_inv], dim=-1).repeat(2, 1)[..., :, None]  # (2B, 2r, 1): S then S^+
+    width = s.shape[-1]
+    out = (left @ right_h, right @ (values[:, :width] * right_h), right @ (values[:, width:] * right_h))
     if padded is not None:
         real = ~padded
-        both, identity = real[:, :, None] & real[:, None, :], torch.diag_embed(padded.to(core.dtype))
-        out = [
-            (torch.where(both, q, identity), torch.where(both, r, 0.0), torch.where(both, p, 0.0)) for q, r, p in out
-        ]
+        both = (real[:, :, None] & real[:, None, :]).repeat(2, 1, 1)
+        identity = torch.diag_embed(padded.to(core.dtype)).repeat(2, 1, 1)
+        q, r, p = out
+        out = (torch.where(both, q, identity), torch.where(both, r, 0.0), torch.where(both, p, 0.0))
     return out
 
 

@@ -107,9 +107,10 @@ class _Batch:
     """Phase 1 of a step for layers of equal shapes (stacked along a leading dimension ``B``), on the device."""
 
     members: list[tuple[dict, TuckerLayer]]
-    finite: torch.Tensor  # (B,) gradients and result finite
+    groups: _Groups  # how the factors are stacked: per group of equal sizes, across layers and modes
+    finite: torch.Tensor  # () gradients and result finite
     ct: torch.Tensor  # augmented cores
-    factors: list[torch.Tensor]  # augmented bases Ut_i
+    factors: list[torch.Tensor]  # augmented bases Ut, per group
     svds: list[tuple[torch.Tensor, torch.Tensor]]  # per mode: left singular vectors P_i, singular values
     norm: torch.Tensor  # (B,) ||Ct||_F
     # what the rank decision reads: ||Ct|| and the singular values, of Ct itself, or with basis_interval of Ct with its
@@ -117,8 +118,8 @@ class _Batch:
     rank_norm: torch.Tensor
     rank_sigmas: list[torch.Tensor]
     step: int
-    moments: list[tuple[torch.Tensor, torch.Tensor]] | None  # Adam (exp_avg, exp_avg_sq) of C, K_0, K_1, ...
-    old_ranks: list[int]  # the widths of the stacked factors (the common, padded width with ``padding``)
+    moments: list[tuple[torch.Tensor, torch.Tensor]] | None  # Adam (exp_avg, exp_avg_sq) of C, then K per group
+    old_ranks: list[int]  # per group, the width of the stacked factors (the common, padded width with padding)
     member_ranks: list[list[int]]  # per layer, its own ranks before the step
     available: list[int] | None  # with padding: per layer, how many singular values per mode are its own
     decided: list[list[int] | None]  # per layer, the ranks of the last decision
@@ -129,15 +130,14 @@ class _Batch:
 
 class _Padding:
     """Stacking of matrix layers (square cores ``(r_b, r_b)``, factors ``(n, r_b)``) of different ranks ``r_b`` into one
-    batch, zero-padded to the largest rank ``r``: the update of such a batch equals updating each layer at its own
-    rank (:func:`geometry.matrix_polars` and :func:`geometry.new_directions` keep the padding out of every real
-    block), so a step costs a fixed number of ops per shape class, whatever the spread of the ranks.
+    batch, zero-padded to a common ``width`` (the batch's largest rank): the update of such a batch equals updating each
+    layer at its own rank (:func:`geometry.matrix_polars` and :func:`geometry.new_directions` keep the padding out of
+    every real block), so a step costs a fixed number of ops whatever the spread of the ranks.
 
     Stacking takes a fixed number of ops for any number of tensors: factors are concatenated along their columns
     (with one zero column) and gathered; cores go through one ``block_diag`` and one gather."""
 
-    def __init__(self, ranks: list[int], like: torch.Tensor) -> None:
-        width = max(ranks)
+    def __init__(self, ranks: list[int], like: torch.Tensor, width: int) -> None:
         self.ranks, self.width, self.device = ranks, width, like.device
         self._columns: dict[int, torch.Tensor] = {}
         # the permutation (as a matrix: products with it are exact) that puts each layer's real columns of
@@ -174,6 +174,74 @@ class _Padding:
         index = self.columns(len(lists))
         stacked = blocks[index[:, :, None], index[:, None, :]]
         return list(stacked.view(len(lists), len(self.ranks), self.width, self.width).unbind(0))
+
+
+class _Groups:
+    """How the tensors of a batch are stacked.  Mode ``i`` of layer ``b`` (a slot) goes into the group of the factors of
+    its size ``n_i``, so that the work on factors (K-steps and their Adam moments, the QR of the augmentation, the
+    truncation of the bases) runs once per distinct ``n`` for all layers and modes of the batch, and the work on cores
+    (polar factors, the augmented core and its SVD) once for the batch.  Matrix layers of any shapes share a batch
+    this way (both modes of a square layer share one group); a tensor batch (equal shapes) has one group per mode.
+
+    Where the layers' ranks differ (matrix layers), cores and factors are zero-padded to the largest rank
+    (:class:`_Padding`): ``padding`` for the cores, ``paddings`` per group.  Tensors per mode are converted to and
+    from the groups' order in the mode-major order (slot ``(b, i)`` at ``i * B + b``): :meth:`pick`,
+    :meth:`to_modes`."""
+
+    def __init__(self, sizes: list[tuple[int, ...]], ranks: list[tuple[int, ...]], like: torch.Tensor) -> None:
+        size, modes = len(sizes), len(sizes[0])
+        self.size, self.modes = size, modes
+        merge = like.dim() == 2 and modes == 2  # matrix cores: every group has the same width
+        by_key: dict[int, list[tuple[int, int]]] = {}
+        for i in range(modes):
+            for b in range(size):
+                by_key.setdefault(sizes[b][i] if merge else i, []).append((b, i))
+        self.slots = list(by_key.values())
+        positions = [[i * size + b for b, i in slots] for slots in self.slots]
+        # per group: the mode it is (all layers in order), or the slice / index of the mode-major order it takes
+        self.mode = [
+            slots[0][1] if len(slots) == size and len({i for _, i in slots}) == 1 else None for slots in self.slots
+        ]
+        self.take = [
+            slice(p[0], p[-1] + 1) if p[-1] - p[0] + 1 == len(p) else torch.tensor(p, device=like.device)
+            for p in positions
+        ]
+        flat = [q for p in positions for q in p]
+        self.back = (
+            None
+            if flat == sorted(flat)
+            else torch.tensor(sorted(range(len(flat)), key=flat.__getitem__), device=like.device)
+        )
+        self.padding = self.paddings = None
+        if len(set(ranks)) > 1:
+            width = max(r[0] for r in ranks)
+            self.padding = _Padding([r[0] for r in ranks], like, width)
+            self.paddings = [_Padding([ranks[b][i] for b, i in slots], like, width) for slots in self.slots]
+
+    @property
+    def identity(self) -> bool:
+        """Every group is one mode of all layers, in the order of the modes."""
+        return self.mode == list(range(self.modes))
+
+    def pick(self, per_mode: list[torch.Tensor] | torch.Tensor, g: int) -> torch.Tensor:
+        """Group ``g``'s tensors ``(B_g, ...)`` from tensors per mode ``(B, ...)`` (a list) or from all modes in the
+        mode-major order ``(d * B, ...)``."""
+        if isinstance(per_mode, list):
+            if self.mode[g] is not None:
+                return per_mode[self.mode[g]]
+            per_mode = torch.cat(per_mode)
+        take = self.take[g]
+        return per_mode[take] if isinstance(take, slice) else per_mode.index_select(0, take)
+
+    def to_modes(self, per_group: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Tensors per mode ``(B, ...)`` from tensors per group ``(B_g, ...)`` of equal trailing shapes (or any
+        shapes when :attr:`identity`)."""
+        if self.identity:
+            return per_group
+        flat = torch.cat(per_group)
+        if self.back is not None:
+            flat = flat.index_select(0, self.back)
+        return list(flat.unflatten(0, (self.modes, self.size)).unbind(0))
 
 
 class _Stacked(NamedTuple):
@@ -418,7 +486,7 @@ class TuckerOptimizer(Optimizer):
         if _GLOBAL_HOOK is None:
             _GLOBAL_HOOK = register_optimizer_step_pre_hook(_refuse_optimizers_holding_factors)
         self.skipped_steps = 0
-        self._paddings: dict[tuple, _Padding] = {}  # by (ranks of a batch's layers, device, dtype)
+        self._groups: dict[tuple, _Groups] = {}  # by (sizes and ranks of a batch's layers, core dim, device, dtype)
         #: all-reduce the factor gradients and broadcast the rank decision (set by :func:`tucker_peft.attach` when
         #: training with DDP, whose own reduction must ignore the factors since their shapes change)
         self.distributed = False
@@ -471,12 +539,8 @@ class TuckerOptimizer(Optimizer):
             settings = tuple(
                 (k, repr(v)) for k, v in sorted(group.items()) if k not in ("params", "name", "reference_size")
             )
-            # matrix layers of any ranks share a batch (padded, _Padding); other layers need equal shapes
-            shapes = (
-                tuple(u.shape[0] for u in factors)
-                if core.dim() == 2 and len(factors) == 2
-                else tuple(p.shape for p in group["params"])
-            )
+            # matrix layers of any shapes and ranks may share a batch (_padded_batches); other layers need equal shapes
+            shapes = "matrix" if core.dim() == 2 and len(factors) == 2 else tuple(p.shape for p in group["params"])
             key = (shapes, core.dtype, core.device, settings, state.get("step", 0), state.get("lr_sum", 0.0))
             batches.setdefault(key, []).append((group, layer))
         if not batches and not core_only:
@@ -595,33 +659,35 @@ class TuckerOptimizer(Optimizer):
             offset += n
 
     def _augment(self, members: list[tuple[dict, TuckerLayer]]) -> _Batch:
-        """Phase 1 for a batch of equally shaped layers, on the device: directions, moments, augmented bases and
-        cores, SVDs of ``Ct``.  Nothing is written to the layers or the optimizer state here."""
+        """Phase 1 for a batch of layers, on the device: directions, moments, augmented bases and cores, SVDs of
+        ``Ct``.  The cores are stacked along a leading dimension ``B``, the factors per group of equal size
+        (:class:`_Groups`).  Nothing is written to the layers or the optimizer state here."""
         group = members[0][0]
         member_ranks = [[u.shape[1] for u in g["params"][1:]] for g, _ in members]
-        padding = None
-        if any(r != member_ranks[0] for r in member_ranks):  # matrix layers of different ranks (_padded_batches)
-            ranks = [r[0] for r in member_ranks]
-            core = group["params"][0]
-            key = (tuple(ranks), core.device, core.dtype)
-            padding = self._paddings.get(key)
-            if padding is None:
-                if len(self._paddings) > 64:
-                    self._paddings.clear()
-                padding = self._paddings[key] = _Padding(ranks, core)
+        first = group["params"][0]
+        sizes = tuple(tuple(u.shape[0] for u in g["params"][1:]) for g, _ in members)
+        key = (sizes, tuple(map(tuple, member_ranks)), first.dim(), first.device, first.dtype)
+        groups = self._groups.get(key)
+        if groups is None:
+            if len(self._groups) > 64:
+                self._groups.clear()
+            groups = self._groups[key] = _Groups(list(sizes), [tuple(r) for r in member_ranks], first)
+        padding = groups.padding
 
-        def stack(index: int, lists: list[list[torch.Tensor]]) -> list[torch.Tensor]:
-            # per list: the tensors of params[index] of every member (C: index 0, U_i: 1 + i), or shaped like them
-            if padding is not None:
-                return padding.cores(lists) if index == 0 else padding.factors(lists)
+        def stack(lists: list[list[torch.Tensor]], pad: _Padding | None, factors: bool) -> list[torch.Tensor]:
+            # per list: one tensor of every layer (cores) or slot (factors), stacked (padded with ``pad``)
+            if pad is not None:
+                return pad.factors(lists) if factors else pad.cores(lists)
             flat = torch.stack([t for tensors in lists for t in tensors])
-            return list(flat.unflatten(0, (len(lists), len(members))).unbind(0))
+            return list(flat.unflatten(0, (len(lists), len(lists[0]))).unbind(0))
 
         states = [self.state[g["params"][0]] for g, _ in members]  # the core's state holds step and decided ranks
         # with basis_interval, the gradients of the factors summed since the last move of the bases
         count = states[0].get("core_steps", 0) + 1 if group["basis_interval"] > 1 else 1
         stacked = []
-        for index, ps in enumerate(zip(*(g["params"] for g, _ in members))):
+        params = [[g["params"][0] for g, _ in members]]  # the cores, then the factors of every group
+        params += [[members[b][0]["params"][1 + i] for b, i in slots] for slots in groups.slots]
+        for index, ps in enumerate(params):
             lists = [list(ps), [p.grad for p in ps]]
             # (with basis_interval, a core has moments from its own steps before its bases have any)
             with_moments = group["direction"] == "adam" and "exp_avg" in self.state[ps[0]]
@@ -629,7 +695,8 @@ class TuckerOptimizer(Optimizer):
                 lists += [[self.state[p]["exp_avg"] for p in ps], [self.state[p]["exp_avg_sq"] for p in ps]]
             if index > 0 and count > 1:
                 lists.append([self.state[p]["grad_sum"] for p in ps])
-            batch = stack(index, lists)
+            pad = padding if index == 0 or padding is None else groups.paddings[index - 1]
+            batch = stack(lists, pad, index > 0)
             stacked.append(
                 _Stacked(
                     param=batch[0],
@@ -639,8 +706,8 @@ class TuckerOptimizer(Optimizer):
                     grad_sum=batch[-1] if index > 0 and count > 1 else None,
                 )
             )
-        core, *factors = (t.param for t in stacked)
-        d = len(factors)
+        core, *factors = (t.param for t in stacked)  # factors: per group (B_g, n_g, width)
+        d = groups.modes
         lam = group["lr"]
         rcond = geometry.default_rcond(core.dtype)
         rel_eps = 10 * torch.finfo(core.dtype).eps
@@ -656,23 +723,24 @@ class TuckerOptimizer(Optimizer):
             lam_bases = lam + states[0].get("lr_sum", 0.0)
             if count > 1:
                 g_factors = [(t.grad_sum + grad) / count for t, grad in zip(stacked[1:], g_factors)]
-        padded = padding.padded if padding is not None else None
-        if core.dim() == 3 and d == 2:  # matrix cores: one SVD for both modes
-            polars = geometry.matrix_polars(core, rcond, padded)
+        if core.dim() == 3 and d == 2:  # matrix cores: one SVD for both modes, in the mode-major order (2B, ...)
+            polars = geometry.matrix_polars(core, rcond, padding.padded if padding is not None else None)
         else:
-            polars = [geometry.unfolding_polar(core, i, rcond) for i in range(d)]
-        k_grads = [geometry.k_gradient(g, r_pinv) for g, (_, _, r_pinv) in zip(g_factors, polars)]
+            polars = [list(t) for t in zip(*(geometry.unfolding_polar(core, i, rcond) for i in range(d)))]
+        q, r, r_pinv = ([groups.pick(t, g) for g in range(len(factors))] for t in polars)  # per group
+        k_grads = [geometry.k_gradient(grad, p) for grad, p in zip(g_factors, r_pinv)]
 
         moments = None
         if group["direction"] == "adam":
-            # Adam for C, K_0, K_1, ... at once (foreach ops); moments in torch's layout, state[param]["exp_avg"], ...
+            # Adam for C and the K_i of every group at once (foreach ops); moments in torch's layout,
+            # state[param]["exp_avg"], ...
             beta1 = group["betas"][0]
             # only the part of a K-step orthogonal to U reaches the update (the part inside span(U) is the core's
             # step), so the moments see only that part: the in-span gradient would inflate the second moment
             normal = [k - u @ (u.transpose(-1, -2) @ k) for u, k in zip(factors, k_grads)]
             grads = [g_core, *normal]
             # the moments of K are updated once per move of the bases (basis_interval)
-            steps = [step] + [basis_step or step] * d
+            steps = [step] + [basis_step or step] * len(factors)
             m = [t.exp_avg if t.exp_avg is not None else torch.zeros_like(g) for t, g in zip(stacked, grads)]
             v = [t.exp_avg_sq if t.exp_avg_sq is not None else torch.zeros_like(g) for t, g in zip(stacked, grads)]
             m, v, directions = _foreach_adam(m, v, grads, group["betas"], group["eps"], steps)
@@ -691,26 +759,24 @@ class TuckerOptimizer(Optimizer):
         if group["weight_decay"]:
             old_block = old_block - lam * group["weight_decay"] * core
         k_steps = [-lam_bases * direction for direction in dir_factors]
-        k_norms = [
-            torch.linalg.norm((u @ r + k).flatten(1), dim=1) for u, (_, r, _), k in zip(factors, polars, k_steps)
-        ]
+        k_norms = [torch.linalg.norm((u @ rr + k).flatten(1), dim=1) for u, rr, k in zip(factors, r, k_steps)]
         # non-finite gradients (fp16 overflow) or a step whose result would not be finite (an absurd learning rate)
-        # make these norms non-finite (inf and NaN propagate through every op above); such a step is discarded.
-        # Finite norms (sums of squares) also keep the QRs and SVDs below from overflowing.
-        finite = torch.isfinite(torch.stack([torch.linalg.norm(old_block.flatten(1), dim=1), *k_norms]).sum(0))
+        # make these norms non-finite (inf and NaN propagate through every op above); such a step is discarded (for
+        # every layer).  Finite norms (sums of squares) also keep the QRs and SVDs below from overflowing.
+        finite = torch.isfinite(torch.cat([torch.linalg.norm(old_block.flatten(1), dim=1), *k_norms]).sum())
 
         def sanitize(t: torch.Tensor) -> torch.Tensor:
             # non-finite values become zeros so that nothing below fails; the step is then discarded
-            return torch.where(finite.reshape(-1, *([1] * (t.dim() - 1))), t, 0.0)
+            return torch.where(finite, t, 0.0)
 
         old_block, *k_steps = (sanitize(t) for t in (old_block, *k_steps))
         new_blocks, augmented = [], []
-        for u, (q, _, _), k_step, k_norm in zip(factors, polars, k_steps, k_norms):
-            u_aug, block = geometry.new_directions(
-                u, k_step, k_norm, q, rel_eps, padding.order if padding is not None else None
-            )
+        for g, (u, qq, k_step, k_norm) in enumerate(zip(factors, q, k_steps, k_norms)):
+            order = groups.paddings[g].order if padding is not None else None
+            u_aug, block = geometry.new_directions(u, k_step, k_norm, qq, rel_eps, order)
             new_blocks.append(block)
             augmented.append(u_aug)
+        new_blocks = groups.to_modes(new_blocks)
         ct = geometry.augmented_core(old_block, new_blocks, d)
         svds = geometry.mode_svds(ct, d)
         norm = torch.linalg.norm(ct.flatten(1), dim=1)
@@ -723,6 +789,7 @@ class TuckerOptimizer(Optimizer):
             rank_sigmas = geometry.mode_singular_values(judged, d)
         return _Batch(
             members=members,
+            groups=groups,
             finite=finite,
             ct=ct,
             factors=augmented,
@@ -813,7 +880,7 @@ class TuckerOptimizer(Optimizer):
         at the working rank ``min(headroom * decided, max_rank)``, the leading singular directions kept), and a step
         that carries no information about ranks (``lr = 0`` or a zero augmented core): the old directions are kept
         as they are (identity projections), so neither the ranks nor the moments change."""
-        dense = tuple(plan.ct.shape[len(plan.factors) + 1 :])
+        dense = tuple(plan.ct.shape[plan.groups.modes + 1 :])
         out = []
         for b, (group, layer) in enumerate(plan.members):
             decided = plan.decided[b] or plan.member_ranks[b]
@@ -897,7 +964,7 @@ class TuckerOptimizer(Optimizer):
         whose shape does not change is only appended to ``copies`` (destination, source): the caller writes all of
         them with one ``torch._foreach_copy_``, so a step adds no per-layer ops unless ranks change.  A layer whose
         ranks change gets new tensors (:meth:`TuckerLayer.set_factors`)."""
-        ct = plan.ct
+        ct, groups = plan.ct, plan.groups
         frozen = [rec.frozen for rec in decisions]
         projections = [p for p, _ in plan.svds]
         if any(frozen):
@@ -906,17 +973,26 @@ class TuckerOptimizer(Optimizer):
                 torch.where(mask, torch.eye(p.shape[1], p.shape[2], dtype=p.dtype, device=p.device), p)
                 for p in projections
             ]
-        core, factors = geometry.truncate(ct, plan.factors, projections)
-        moments = self._transport_moments(plan.moments, projections, plan.old_ranks)
+        # per group, the projections of its slots (matrix cores: all of one shape, taken from the mode-major order)
+        per_mode = torch.cat(projections) if not groups.identity else projections
+        group_projections = [groups.pick(per_mode, g) for g in range(len(plan.factors))]
+        core, _ = geometry.truncate(ct, [], projections)
+        factors = [u @ p for u, p in zip(plan.factors, group_projections)]
+        moments = self._transport_moments(plan.moments, projections, group_projections, plan.old_ranks)
         ranks = [tuple(rec.ranks) for rec in decisions]
         # per parameter (C, U_0, ...): every layer's tensor cut to its ranks; moments likewise (views)
         cores = _cut_leading([core, *(moments[0] if moments is not None else ())], ranks)
-        per_param, per_moment = [cores[0]], [(cores[1], cores[2])] if moments is not None else []
-        for i, factor in enumerate(factors):
-            cut = _cut_columns([factor, *(moments[1 + i] if moments is not None else ())], [r[i] for r in ranks])
-            per_param.append(cut[0])
-            if moments is not None:
-                per_moment.append((cut[1], cut[2]))
+        per_param = [cores[0]] + [[None] * len(ranks) for _ in range(groups.modes)]
+        per_moment = [(cores[1], cores[2])] if moments is not None else []
+        per_moment += [([None] * len(ranks), [None] * len(ranks)) for _ in range(groups.modes if moments else 0)]
+        for g, (factor, slots) in enumerate(zip(factors, groups.slots)):
+            cut = _cut_columns(
+                [factor, *(moments[1 + g] if moments is not None else ())], [ranks[b][i] for b, i in slots]
+            )
+            for j, (b, i) in enumerate(slots):
+                per_param[1 + i][b] = cut[0][j]
+                if moments is not None:
+                    per_moment[1 + i][0][b], per_moment[1 + i][1][b] = cut[1][j], cut[2][j]
         for j, ((group, layer), rec) in enumerate(zip(plan.members, decisions)):
             params = group["params"]
             new = [t[j] for t in per_param]
@@ -944,29 +1020,26 @@ class TuckerOptimizer(Optimizer):
     def _transport_moments(
         moments: list[tuple[torch.Tensor, torch.Tensor]] | None,
         projections: list[torch.Tensor],
+        group_projections: list[torch.Tensor],
         old_ranks: list[int],
     ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-        """Carry a batch of Adam moments (of ``C``, ``K_0``, ``K_1``, ...) to the coordinates of the truncated factors,
-        before the per-layer cut.
+        """Carry a batch of Adam moments (of ``C``, then of ``K`` per group of factors) to the coordinates of the
+        truncated factors, before the per-layer cut.
 
         Augmentation pads with zeros (new directions have no history); truncation applies the same ``P_i`` as the
         factors: ``m <- m P_i``, ``m_C <- m_C x_i P_i^T``, and for second moments the mixing form with ``P_i * P_i``
-        (elementwise square).  ``projections`` ``(B, rt_i, k_i)``, moments ``(B, ...)`` at the old ranks.
+        (elementwise square).  ``projections`` ``(B, rt_i, k_i)`` per mode and ``group_projections`` the same per
+        group of factors, moments ``(B, ...)`` at the old ranks (``old_ranks``: per group).
         """
         if moments is None:
             return None
         # the zero padding of the new directions meets the rows of P_i below the old ranks only: those rows suffice
-        projections = [p[:, :r] for p, r in zip(projections, old_ranks)]
-        squares = [p * p for p in projections]
-        out = []
-        for index, pair in enumerate(moments):
-            carried = []
-            for value, projs in zip(pair, (projections, squares)):
-                if index == 0:  # the core
-                    carried.append(geometry.truncate(value, [], projs)[0])
-                else:  # K_i, mode i = index - 1
-                    carried.append(value @ projs[index - 1])
-            out.append((carried[0], carried[1]))
+        modes = [p[:, : moments[0][0].shape[1 + i]] for i, p in enumerate(projections)]
+        groups = [p[:, :r] for p, r in zip(group_projections, old_ranks)]
+        core_m, core_v = moments[0]
+        out = [(geometry.truncate(core_m, [], modes)[0], geometry.truncate(core_v, [], [p * p for p in modes])[0])]
+        for (m, v), p in zip(moments[1:], groups):
+            out.append((m @ p, v @ (p * p)))
         return out
 
     # ------------------------------------------------------------------------------------------------------------
@@ -1074,16 +1147,20 @@ def _column_index(ranks: tuple[int, ...], k: int, count: int, device: torch.devi
 
 
 def _padded_batches(members: list[tuple[dict, TuckerLayer]]) -> list[list[tuple[dict, TuckerLayer]]]:
-    """The batches for layers of equal shapes up to their ranks: one padded batch (:class:`_Padding`) when that is
-    exact (matrix layers whose sizes are at least twice the largest rank), else one batch per ranks."""
+    """The batches for layers of equal settings (matrix layers of any shapes, other layers of equal shapes): one batch,
+    its factors in groups of equal sizes (:class:`_Groups`) and zero-padded to the largest rank where the ranks differ,
+    when that is exact: all layers have the same shapes and ranks, or every factor has at least twice the largest rank
+    in rows (then every layer's augmented core is ``2 r_b`` wide and the padding is exact, :class:`_Padding`); else one
+    batch per shapes and ranks."""
     ranks = [tuple(u.shape[1] for u in g["params"][1:]) for g, _ in members]
-    factors = members[0][0]["params"][1:]
-    if len(set(ranks)) == 1 or all(u.shape[0] >= 2 * max(r[0] for r in ranks) for u in factors):
+    sizes = [tuple(u.shape[0] for u in g["params"][1:]) for g, _ in members]
+    width = max(max(r) for r in ranks)
+    if (len(set(ranks)) == 1 and len(set(sizes)) == 1) or all(n >= 2 * width for s in sizes for n in s):
         return [members]
-    by_ranks: dict[tuple, list] = {}
-    for member, r in zip(members, ranks):
-        by_ranks.setdefault(r, []).append(member)
-    return list(by_ranks.values())
+    by_shape: dict[tuple, list] = {}
+    for member, r, s in zip(members, ranks, sizes):
+        by_shape.setdefault((r, s), []).append(member)
+    return list(by_shape.values())
 
 
 def _migrate_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
