@@ -1096,7 +1096,7 @@ def _foreach_adam(
 def _cut_leading(batches: list[torch.Tensor], ranks: list[tuple[int, ...]]) -> list[list[torch.Tensor]]:
     """Per batched tensor ``(B, k_0, ..., *w)`` (a core and its moments, all of one shape), every layer's tensor cut
     to its ranks ``ranks[b]`` in the leading modes (views).  The tensors are stacked and the layers sorted by their
-    ranks (one gather), then each run of equal ranks is cut with one slice and ``unbind``."""
+    ranks (one gather), then each run of equal ranks is cut with one strided view and ``unbind``."""
     size = len(ranks)
     order = sorted(range(size), key=ranks.__getitem__)
     stacked = torch.stack(batches, dim=1)  # (B, T, k_0, ..., *w)
@@ -1109,7 +1109,10 @@ def _cut_leading(batches: list[torch.Tensor], ranks: list[tuple[int, ...]]) -> l
         end = start
         while end < size and ranks[order[end]] == r:
             end += 1
-        views = stacked[(slice(start, end), slice(None), *(slice(0, x) for x in r))].flatten(0, 1).unbind(0)
+        # the layers [start, end) of every tensor, cut to r (one strided view: B and T merge, stacked is contiguous)
+        shape = ((end - start) * len(batches), *r, *stacked.shape[2 + len(r) :])
+        offset = stacked.storage_offset() + start * stacked.stride(0)
+        views = stacked.as_strided(shape, stacked.stride()[1:], offset).unbind(0)
         for j, b in enumerate(order[start:end]):
             for t, per_layer in enumerate(out):
                 per_layer[b] = views[j * len(batches) + t]
