@@ -62,11 +62,13 @@ refused before its step (a global optimizer step pre-hook), unless :func:`tucker
 another, untrained Tucker adapter is active (``set_adapter``) is refused.  The update does one host synchronisation
 per step (the rank decision), independent of the number of layers.
 
-Cost: layers of equal shapes and settings are updated as one batch: matrix layers (linear layers) of any ranks, zero-
+Cost: layers of equal settings are updated as one batch: matrix layers (linear layers) of any shapes and ranks,
+their cores stacked once and their factors per group of equal size across layers and modes (:class:`_Groups`), zero-
 padded to the batch's largest rank (:class:`_Padding`; equal, up to round-off, to updating each at its own rank),
-other layers per ranks.  Layers are stacked, cut back to their ranks and written back (one ``torch._foreach_copy_``
-for all layers that keep their ranks) in a fixed number of ops, so a step's op count does not grow with the number
-of layers or the spread of their ranks; only a layer whose ranks change adds ops of its own (new tensors).
+other layers per shape and ranks.  Layers are stacked, cut back to their ranks and written back (one
+``torch._foreach_copy_`` for all layers that keep their ranks) in a fixed number of ops, so a step's op count does
+not grow with the number of layers, their shapes or the spread of their ranks; only a layer whose ranks change adds
+ops of its own (new tensors).
 """
 
 from __future__ import annotations
