@@ -106,7 +106,8 @@ _GLOBAL_HOOK = None
 
 @dataclass
 class _Batch:
-    """Phase 1 of a step for layers of equal shapes (stacked along a leading dimension ``B``), on the device."""
+    """Phase 1 of a step for a batch of layers (cores stacked along a leading dimension ``B``, factors per group of
+    equal size, :class:`_Groups`), on the device."""
 
     members: list[tuple[dict, TuckerLayer]]
     groups: _Groups  # how the factors are stacked: per group of equal sizes, across layers and modes
