@@ -523,8 +523,8 @@ def test_a_step_costs_the_same_ops_for_more_equally_shaped_layers():
 def test_a_step_costs_the_same_ops_for_more_layers_of_spread_ranks():
     """Issue 12: with the ranks spread over 1..4 within every shape class (q/k/v/o, intermediate, output), the update's
     top-level op count is the same for 6 and 24 BERT layers (36 vs 144 adapters), and at most 1.5x the count with
-    all ranks equal (one batch per shape either way: matrix layers of any ranks share one padded batch, stacked and
-    cut back in a fixed number of ops; one batch per (shape, rank) took 4x)."""
+    all ranks equal (all linear layers of any shapes and ranks share one padded batch, stacked and cut back in a
+    fixed number of ops; one batch per (shape, rank) took 4x)."""
     names = ["attention.self.query", "attention.self.key", "attention.self.value"]
     names += ["attention.output.dense", "intermediate.dense", "output.dense"]
     counts = {}
@@ -542,9 +542,15 @@ def test_a_step_costs_the_same_ops_for_more_layers_of_spread_ranks():
             model(**batch).loss.backward()
             return count_top_level_ops(update.step)
 
+        batches = []
+        augment = update._augment
+        update._augment = lambda members, augment=augment, batches=batches: (
+            batches.append(len(members)) or augment(members)
+        )
         step()  # allocates the moments: a layer's own tensors
         step()  # builds the padded stacking's indices for moments (cached)
         counts[layers, spread] = [step() for _ in range(2)]
+        assert batches == [6 * layers] * 4, batches  # every adapted layer in one batch, every step
         assert len(set(counts[layers, spread])) == 1
         per_shape = {}
         for group in update.param_groups:
