@@ -963,10 +963,10 @@ class TuckerOptimizer(Optimizer):
         frozen layer, :meth:`_rank_decisions`).
 
         Every layer's tensors are cut from the batch in a fixed number of ops (factors and their moments: one gather
-        and split; cores and theirs: one slice per distinct ranks, :func:`_cut_leading`), and a parameter or moment
-        whose shape does not change is only appended to ``copies`` (destination, source): the caller writes all of
-        them with one ``torch._foreach_copy_``, so a step adds no per-layer ops unless ranks change.  A layer whose
-        ranks change gets new tensors (:meth:`TuckerLayer.set_factors`)."""
+        and split per group; cores and theirs: one strided view per distinct ranks, :func:`_cut_leading`), and a
+        parameter or moment whose shape does not change is only appended to ``copies`` (destination, source): the
+        caller writes all of them with one ``torch._foreach_copy_``, so a step adds no per-layer ops unless ranks
+        change.  A layer whose ranks change gets new tensors (:meth:`TuckerLayer.set_factors`)."""
         ct, groups = plan.ct, plan.groups
         frozen = [rec.frozen for rec in decisions]
         projections = [p for p, _ in plan.svds]
