@@ -17,8 +17,9 @@ One step, with gradients ``g_i = dL/dU_i``, ``g_C = dL/dC`` of one backward pass
 5. :func:`mode_svds`, :func:`truncation_ranks`, :func:`truncate`: HOSVD truncation with the relative tolerance
    ``theta = tau * ||Ct||_F``, ranks clamped to ``[min_rank, max_rank]`` and to valid Tucker ranks.
 
-Batching: the tensor functions take a leading batch dimension ``B`` (layers of equal shapes are updated together,
-with one batched SVD/QR per kind of operation); :func:`truncation_ranks` decides the ranks of one layer on the host.  Nothing here knows about modules, optimizers or moments; the integrator
+Batching: the tensor functions take a leading batch dimension ``B`` (cores of equal shapes, or factors of equal
+sizes, of many layers are updated together, with one batched SVD/QR per kind of operation); :func:`truncation_ranks`
+decides the ranks of one layer on the host.  Nothing here knows about modules, optimizers or moments; the integrator
 composes these functions.
 """
 
