@@ -80,9 +80,8 @@ def matrix_polars(
     left = torch.cat([a, bh.transpose(-1, -2)])  # mode 0: A, B^T ... ; mode 1: B, A^T
     right_h = torch.cat([bh, a.transpose(-1, -2)])
     right = right_h.transpose(-1, -2)
-    values = torch.cat([s, s_inv], dim=-1).repeat(2, 1)[..., :, None]  # (2B, 2r, 1): S then S^+
-    width = s.shape[-1]
-    out = (left @ right_h, right @ (values[:, :width] * right_h), right @ (values[:, width:] * right_h))
+    s, s_inv = torch.cat([s, s])[..., :, None], torch.cat([s_inv, s_inv])[..., :, None]  # both modes
+    out = (left @ right_h, right @ (s * right_h), right @ (s_inv * right_h))
     if padded is not None:
         real = ~padded
         both = (real[:, :, None] & real[:, None, :]).repeat(2, 1, 1)

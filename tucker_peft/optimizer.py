@@ -227,12 +227,10 @@ class _Groups:
         return self.mode == list(range(self.modes))
 
     def pick(self, per_mode: list[torch.Tensor] | torch.Tensor, g: int) -> torch.Tensor:
-        """Group ``g``'s tensors ``(B_g, ...)`` from tensors per mode ``(B, ...)`` (a list) or from all modes in the
-        mode-major order ``(d * B, ...)``."""
+        """Group ``g``'s tensors ``(B_g, ...)`` from tensors per mode ``(B, ...)`` (a list, when :attr:`identity`) or
+        from all modes in the mode-major order ``(d * B, ...)``."""
         if isinstance(per_mode, list):
-            if self.mode[g] is not None:
-                return per_mode[self.mode[g]]
-            per_mode = torch.cat(per_mode)
+            return per_mode[self.mode[g]]
         take = self.take[g]
         return per_mode[take] if isinstance(take, slice) else per_mode.index_select(0, take)
 
