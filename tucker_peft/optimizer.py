@@ -84,6 +84,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+from torch._utils import _flatten_dense_tensors
 from torch.optim import Optimizer
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.weak import WeakIdKeyDictionary
@@ -137,12 +138,13 @@ class _Padding:
     layer at its own rank (:func:`geometry.matrix_polars` and :func:`geometry.new_directions` keep the padding out of
     every real block), so a step costs a fixed number of ops whatever the spread of the ranks.
 
-    Stacking takes a fixed number of ops for any number of tensors: factors are concatenated along their columns
-    (with one zero column) and gathered; cores go through one ``block_diag`` and one gather."""
+    Stacking: the tensors are flattened into one buffer (one op); cores are then gathered (one op), factors copied
+    into the padded batch with one strided copy per run of equal ranks (the slots of a group are sorted by rank,
+    :class:`_Groups`, so there are at most as many runs as distinct ranks)."""
 
     def __init__(self, ranks: list[int], like: torch.Tensor, width: int) -> None:
         self.ranks, self.width, self.device = ranks, width, like.device
-        self._columns: dict[int, torch.Tensor] = {}
+        self._entries: dict[int, torch.Tensor] = {}
         # the permutation (as a matrix: products with it are exact) that puts each layer's real columns of
         # [U, K-step] first, its transpose, and the padded slots
         order = [[*range(r), *range(width, width + r), *range(r, width), *range(width + r, 2 * width)] for r in ranks]
@@ -150,32 +152,43 @@ class _Padding:
         perm_t = torch.nn.functional.one_hot(values[0], 2 * width).to(like.dtype)  # [b, c', c] = (order[c'] == c)
         self.order = (perm_t.transpose(1, 2), perm_t)
         self.padded = values[1, :, :width] <= torch.arange(width, device=like.device)  # (B, width): j >= r_b
+        # runs of consecutive layers of equal rank: (first, end, rank, columns before first)
+        self.runs: list[tuple[int, int, int, int]] = []
+        for b, r in enumerate(ranks):
+            if self.runs and self.runs[-1][2] == r:
+                self.runs[-1] = (*self.runs[-1][:1], b + 1, *self.runs[-1][2:])
+            else:
+                self.runs.append((b, b + 1, r, sum(ranks[:b])))
 
-    def columns(self, count: int) -> torch.Tensor:
-        """``(count * B, width)``: for ``count`` lists of the layers' tensors concatenated (ranks ``r_b``, then one
-        zero slot), where each padded slot comes from."""
-        if count not in self._columns:
-            total = sum(self.ranks)
-            rows, offset = [], 0
+    def entries(self, count: int) -> torch.Tensor:
+        """``(count * B * width * width,)``: for ``count`` lists of the layers' cores flattened and concatenated (then
+        one zero), where each entry of the padded cores comes from."""
+        if count not in self._entries:
+            total = count * sum(r * r for r in self.ranks)
+            index, offset = [], 0
             for _ in range(count):
                 for r in self.ranks:
-                    rows.append([offset + j if j < r else count * total for j in range(self.width)])
-                    offset += r
-            self._columns[count] = torch.tensor(rows, device=self.device)
-        return self._columns[count]
+                    for i in range(self.width):
+                        index.extend(offset + i * r + j if i < r and j < r else total for j in range(self.width))
+                    offset += r * r
+            self._entries[count] = torch.tensor(index, device=self.device)
+        return self._entries[count]
 
     def factors(self, lists: list[list[torch.Tensor]]) -> list[torch.Tensor]:
         """``(B, n, width)`` per list of factor-shaped tensors ``(n, r_b)``."""
-        n, size = lists[0][0].shape[0], len(self.ranks)
-        flat = torch.cat([t for tensors in lists for t in tensors] + [lists[0][0].new_zeros(n, 1)], dim=1)
-        index = self.columns(len(lists)).reshape(-1)
-        return list(flat.index_select(1, index).view(n, len(lists), size, self.width).permute(1, 2, 0, 3).unbind(0))
+        n, count, size = lists[0][0].shape[0], len(lists), len(self.ranks)
+        flat = _flatten_dense_tensors([t for tensors in lists for t in tensors])
+        out = flat.new_zeros(count, size, n, self.width)
+        length = n * sum(self.ranks)  # of one list in ``flat``
+        for first, end, r, before in self.runs:
+            source = flat.as_strided((count, end - first, n, r), (length, n * r, r, 1), n * before)
+            out.as_strided(source.shape, out.stride(), first * n * self.width).copy_(source)
+        return list(out.unbind(0))
 
     def cores(self, lists: list[list[torch.Tensor]]) -> list[torch.Tensor]:
         """``(B, width, width)`` per list of core-shaped tensors ``(r_b, r_b)``."""
-        blocks = torch.nn.functional.pad(torch.block_diag(*(t for tensors in lists for t in tensors)), (0, 1, 0, 1))
-        index = self.columns(len(lists))
-        stacked = blocks[index[:, :, None], index[:, None, :]]
+        flat = _flatten_dense_tensors([t for tensors in lists for t in tensors] + [lists[0][0].new_zeros(1)])
+        stacked = flat.index_select(0, self.entries(len(lists)))
         return list(stacked.view(len(lists), len(self.ranks), self.width, self.width).unbind(0))
 
 
@@ -199,14 +212,14 @@ class _Groups:
         for i in range(modes):
             for b in range(size):
                 by_key.setdefault(sizes[b][i] if merge else i, []).append((b, i))
-        self.slots = list(by_key.values())
+        padded = len(set(ranks)) > 1
+        # with padding, each group's slots sorted by rank (stable), so that they are stacked and cut back in runs
+        self.slots = [sorted(slots, key=lambda s: ranks[s[0]][s[1]]) if padded else slots for slots in by_key.values()]
         positions = [[i * size + b for b, i in slots] for slots in self.slots]
         # per group: the mode it is (all layers in order), or the slice / index of the mode-major order it takes
-        self.mode = [
-            slots[0][1] if len(slots) == size and len({i for _, i in slots}) == 1 else None for slots in self.slots
-        ]
+        self.mode = [slots[0][1] if slots == [(b, slots[0][1]) for b in range(size)] else None for slots in self.slots]
         self.take = [
-            slice(p[0], p[-1] + 1) if p[-1] - p[0] + 1 == len(p) else torch.tensor(p, device=like.device)
+            slice(p[0], p[-1] + 1) if p == list(range(p[0], p[-1] + 1)) else torch.tensor(p, device=like.device)
             for p in positions
         ]
         flat = [q for p in positions for q in p]
@@ -216,7 +229,7 @@ class _Groups:
             else torch.tensor(sorted(range(len(flat)), key=flat.__getitem__), device=like.device)
         )
         self.padding = self.paddings = None
-        if len(set(ranks)) > 1:
+        if padded:
             width = max(r[0] for r in ranks)
             self.padding = _Padding([r[0] for r in ranks], like, width)
             self.paddings = [_Padding([ranks[b][i] for b, i in slots], like, width) for slots in self.slots]
@@ -960,14 +973,20 @@ class TuckerOptimizer(Optimizer):
         (batched), then each layer keeps its leading ``decisions[b].ranks`` of them (identity projections for a
         frozen layer, :meth:`_rank_decisions`).
 
-        Every layer's tensors are cut from the batch in a fixed number of ops (factors and their moments: one gather
-        and split per group; cores and theirs: one strided view per distinct ranks, :func:`_cut_leading`), and a
+        Only the singular vectors some layer keeps are applied.  Every layer's tensors are cut from the batch with one
+        strided view per distinct ranks (per group of factors with their moments, and for the cores with theirs,
+        :func:`_cut_corners`), and a
         parameter or moment whose shape does not change is only appended to ``copies`` (destination, source): the
         caller writes all of them with one ``torch._foreach_copy_``, so a step adds no per-layer ops unless ranks
         change.  A layer whose ranks change gets new tensors (:meth:`TuckerLayer.set_factors`)."""
         ct, groups = plan.ct, plan.groups
         frozen = [rec.frozen for rec in decisions]
-        projections = [p for p, _ in plan.svds]
+        ranks = [tuple(rec.ranks) for rec in decisions]
+        # only the leading singular vectors that some layer keeps (per mode; one width for all when groups mix modes)
+        keep = [max(r[i] for r in ranks) for i in range(groups.modes)]
+        if not groups.identity:
+            keep = [max(keep)] * groups.modes
+        projections = [p[..., :k] for (p, _), k in zip(plan.svds, keep)]
         if any(frozen):
             mask = torch.tensor(frozen, device=ct.device)[:, None, None]
             projections = [
@@ -980,15 +999,16 @@ class TuckerOptimizer(Optimizer):
         core, _ = geometry.truncate(ct, [], projections)
         factors = [u @ p for u, p in zip(plan.factors, group_projections)]
         moments = self._transport_moments(plan.moments, projections, group_projections, plan.old_ranks)
-        ranks = [tuple(rec.ranks) for rec in decisions]
         # per parameter (C, U_0, ...): every layer's tensor cut to its ranks; moments likewise (views)
-        cores = _cut_leading([core, *(moments[0] if moments is not None else ())], ranks)
+        window = tuple(core.shape[1 + groups.modes :])
+        cores = _cut_corners([core, *(moments[0] if moments is not None else ())], [(*r, *window) for r in ranks])
         per_param = [cores[0]] + [[None] * len(ranks) for _ in range(groups.modes)]
         per_moment = [(cores[1], cores[2])] if moments is not None else []
         per_moment += [([None] * len(ranks), [None] * len(ranks)) for _ in range(groups.modes if moments else 0)]
         for g, (factor, slots) in enumerate(zip(factors, groups.slots)):
-            cut = _cut_columns(
-                [factor, *(moments[1 + g] if moments is not None else ())], [ranks[b][i] for b, i in slots]
+            n = factor.shape[1]
+            cut = _cut_corners(
+                [factor, *(moments[1 + g] if moments is not None else ())], [(n, ranks[b][i]) for b, i in slots]
             )
             for j, (b, i) in enumerate(slots):
                 per_param[1 + i][b] = cut[0][j]
@@ -1094,26 +1114,26 @@ def _foreach_adam(
     return m, v, torch._foreach_div(m, denominators)
 
 
-def _cut_leading(batches: list[torch.Tensor], ranks: list[tuple[int, ...]]) -> list[list[torch.Tensor]]:
-    """Per batched tensor ``(B, k_0, ..., *w)`` (a core and its moments, all of one shape), every layer's tensor cut
-    to its ranks ``ranks[b]`` in the leading modes (views).  The tensors are stacked and the layers sorted by their
-    ranks (one gather), then each run of equal ranks is cut with one strided view and ``unbind``."""
-    size = len(ranks)
-    order = sorted(range(size), key=ranks.__getitem__)
-    stacked = torch.stack(batches, dim=1)  # (B, T, k_0, ..., *w)
+def _cut_corners(batches: list[torch.Tensor], shapes: list[tuple[int, ...]]) -> list[list[torch.Tensor]]:
+    """Per batched tensor ``(B, ...)`` (a core or a group of factors, and its moments: all of one shape), every layer's
+    leading corner of shape ``shapes[b]`` (views: a core cut to its ranks, a factor ``(n, k)`` to its ``r_b``
+    columns).  The tensors are stacked and the layers sorted by their shapes (one gather, none when they are sorted
+    already), then each run of equal shapes is cut with one strided view and ``unbind``."""
+    size = len(shapes)
+    order = sorted(range(size), key=shapes.__getitem__)
+    stacked = torch.stack(batches, dim=1)  # (B, T, ...)
     if order != list(range(size)):
         stacked = stacked.index_select(0, _order_index(tuple(order), stacked.device))
     out: list[list[Any]] = [[None] * size for _ in batches]
     start = 0
     while start < size:
-        r = ranks[order[start]]
+        shape = shapes[order[start]]
         end = start
-        while end < size and ranks[order[end]] == r:
+        while end < size and shapes[order[end]] == shape:
             end += 1
-        # the layers [start, end) of every tensor, cut to r (one strided view: B and T merge, stacked is contiguous)
-        shape = ((end - start) * len(batches), *r, *stacked.shape[2 + len(r) :])
+        # the layers [start, end) of every tensor, cut (one strided view: B and T merge, stacked is contiguous)
         offset = stacked.storage_offset() + start * stacked.stride(0)
-        views = stacked.as_strided(shape, stacked.stride()[1:], offset).unbind(0)
+        views = stacked.as_strided(((end - start) * len(batches), *shape), stacked.stride()[1:], offset).unbind(0)
         for j, b in enumerate(order[start:end]):
             for t, per_layer in enumerate(out):
                 per_layer[b] = views[j * len(batches) + t]
@@ -1121,33 +1141,9 @@ def _cut_leading(batches: list[torch.Tensor], ranks: list[tuple[int, ...]]) -> l
     return out
 
 
-def _cut_columns(batches: list[torch.Tensor], ranks: list[int]) -> list[list[torch.Tensor]]:
-    """Per batched tensor ``(B, n, k)`` (a factor and its moments, all of one shape), every layer's ``(n, ranks[b])``
-    leading columns (views), in a fixed number of ops whatever the ranks: the columns to keep of all tensors are
-    gathered side by side, then split."""
-    count, (size, n, k) = len(batches), batches[0].shape
-    stacked = torch.stack(batches)  # (T, B, n, k)
-    if len(set(ranks)) == 1:
-        views = stacked[..., : ranks[0]].flatten(0, 1).unbind(0)
-    else:
-        index = _column_index(tuple(ranks), k, count, stacked.device)
-        views = stacked.permute(2, 0, 1, 3).reshape(n, count * size * k).index_select(1, index).split(ranks * count, 1)
-    return [list(views[t * size : (t + 1) * size]) for t in range(count)]
-
-
 @functools.lru_cache(maxsize=256)
 def _order_index(order: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return torch.tensor(order, device=device)
-
-
-@functools.lru_cache(maxsize=256)
-def _column_index(ranks: tuple[int, ...], k: int, count: int, device: torch.device) -> torch.Tensor:
-    """For :func:`_cut_columns`: the columns ``j < ranks[b]`` of every layer ``b`` of ``count`` stacked tensors
-    ``(B, n, k)`` laid side by side."""
-    size = len(ranks)
-    return torch.tensor(
-        [(t * size + b) * k + j for t in range(count) for b, r in enumerate(ranks) for j in range(r)], device=device
-    )
 
 
 def _padded_batches(members: list[tuple[dict, TuckerLayer]]) -> list[list[tuple[dict, TuckerLayer]]]:
