@@ -524,7 +524,7 @@ def test_a_step_costs_the_same_ops_for_more_layers_of_spread_ranks():
     """Issue 12: with the ranks spread over 1..4 within every shape class (q/k/v/o, intermediate, output), the update's
     top-level op count is the same for 6 and 24 BERT layers (36 vs 144 adapters), and at most 1.5x the count with
     all ranks equal (all linear layers of any shapes and ranks share one padded batch, stacked and cut back in a
-    fixed number of ops; one batch per (shape, rank) took 4x)."""
+    few ops per distinct rank; one batch per (shape, rank) took 4x)."""
     names = ["attention.self.query", "attention.self.key", "attention.self.value"]
     names += ["attention.output.dense", "intermediate.dense", "output.dense"]
     counts = {}

@@ -66,9 +66,9 @@ Cost: layers of equal settings are updated as one batch: matrix layers (linear l
 their cores stacked once and their factors per group of equal size across layers and modes (:class:`_Groups`), zero-
 padded to the batch's largest rank (:class:`_Padding`; equal, up to round-off, to updating each at its own rank),
 other layers per shape and ranks.  Layers are stacked, cut back to their ranks and written back (one
-``torch._foreach_copy_`` for all layers that keep their ranks) in a fixed number of ops, so a step's op count does
-not grow with the number of layers, their shapes or the spread of their ranks; only a layer whose ranks change adds
-ops of its own (new tensors).
+``torch._foreach_copy_`` for all layers that keep their ranks) with a few ops per distinct rank (at most
+``max_rank`` of them), so a step's op count does not grow with the number of layers or their shapes; only a layer
+whose ranks change adds ops of its own (new tensors).
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ class _Padding:
     """Stacking of matrix layers (square cores ``(r_b, r_b)``, factors ``(n, r_b)``) of different ranks ``r_b`` into one
     batch, zero-padded to a common ``width`` (the batch's largest rank): the update of such a batch equals updating each
     layer at its own rank (:func:`geometry.matrix_polars` and :func:`geometry.new_directions` keep the padding out of
-    every real block), so a step costs a fixed number of ops whatever the spread of the ranks.
+    every real block), so a step costs the same ops for any number of layers.
 
     Stacking: the tensors are flattened into one buffer (one op); cores are then gathered (one op), factors copied
     into the padded batch with one strided copy per run of equal ranks (the slots of a group are sorted by rank,
