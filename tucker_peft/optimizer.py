@@ -164,14 +164,13 @@ class _Padding:
         """``(count * B * width * width,)``: for ``count`` lists of the layers' cores flattened and concatenated (then
         one zero), where each entry of the padded cores comes from."""
         if count not in self._entries:
-            total = count * sum(r * r for r in self.ranks)
-            index, offset = [], 0
-            for _ in range(count):
-                for r in self.ranks:
-                    for i in range(self.width):
-                        index.extend(offset + i * r + j if i < r and j < r else total for j in range(self.width))
-                    offset += r * r
-            self._entries[count] = torch.tensor(index, device=self.device)
+            r = torch.tensor(self.ranks)[:, None, None]
+            i, j = torch.arange(self.width)[:, None], torch.arange(self.width)
+            size = r * r  # of each layer's core; (B, 1, 1)
+            index = size.cumsum(0) - size + i * r + j  # (B, width, width), within one list
+            index = index + torch.arange(count)[:, None, None, None] * size.sum()
+            index = torch.where((i < r) & (j < r), index, count * size.sum())  # the padding reads the zero at the end
+            self._entries[count] = index.reshape(-1).to(self.device)
         return self._entries[count]
 
     def factors(self, lists: list[list[torch.Tensor]]) -> list[torch.Tensor]:
