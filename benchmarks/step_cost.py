@@ -13,13 +13,16 @@ Then the top-level ``aten::`` ops of a whole step (the GPU launch proxy, ``tucke
 ``--op-steps`` further steps per method.  ``--basis_interval k``: tucker's bases move every k steps (the cores alone
 step in between); the mean step is then the amortised figure.
 
-    python benchmarks/step_cost.py [--steps 15] [--op-steps 50] [--basis_interval 1] [--out ...]
+    python benchmarks/step_cost.py [--steps 15] [--op-steps 50] [--basis_interval 1] [--separate-rounds 0] [--out ...]
 
 Step times on CPU depend on glibc's allocator: when it hands freed memory back to the system, the next step takes
-it again page by page (minor page faults, reported per method). Which method's steps pay that changes from run to
-run in one process (measured: 0 faults a step for LoRA and 15k for tucker in one run, 36k for LoRA alone in
-another). Setting ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` high (recorded in the results) keeps the
-memory in the process, so that the comparison is of the methods' own work.
+it again page by page (minor page faults, reported per method). Which method's steps pay that depends on the state
+of the process, not on the method's own work: interleaved in one process, LoRA's steps paid none in every run so
+far and tucker's and AdaLoRA's 3k-24k each, whichever model was built first; each alone in its own process, LoRA
+paid 4.5k-36k and tucker 0-18k.  Hence two further measurements: with ``MALLOC_MMAP_THRESHOLD_`` and
+``MALLOC_TRIM_THRESHOLD_`` set high (recorded in the results) the memory stays in the process, so that the
+comparison is of the methods' own work; with ``--separate-rounds R`` each method is also timed in a fresh process
+of its own (as users train), ``R`` rounds rotating the order, reported per round and as medians.
 """
 
 from __future__ import annotations
@@ -131,6 +134,46 @@ def peak_memory(method: str, steps: int, batch: int, seq: int) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def time_alone(method: str, steps: int, warmup: int, batch: int, seq: int) -> dict:
+    """In this process, ``method`` alone: its step times (s) and minor page faults per step after ``warmup``."""
+    _, step = build(method, warmup + steps)
+    data = make_batch(batch, seq)
+    times, faults = [], []
+    for i in range(warmup + steps):
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t0 = time.perf_counter()
+        step(data)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    return {"times": times, "faults": faults}
+
+
+def separate_processes(rounds: int, steps: int, warmup: int, batch: int, seq: int) -> dict:
+    """Each method in a fresh process of its own (as a user trains), ``rounds`` rounds rotating the order: per round
+    each method's median step, then the median over rounds of those and of each method's over LoRA's of the same
+    round."""
+    per_round = {m: [] for m in METHODS}
+    faults = {m: [] for m in METHODS}
+    for i in range(rounds):
+        for m in METHODS[i % 3 :] + METHODS[: i % 3]:
+            cmd = [sys.executable, os.path.abspath(__file__), "--child-time", m, "--steps", str(steps)]
+            cmd += ["--warmup", str(warmup), "--batch", str(batch), "--seq", str(seq)]
+            out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+            per_round[m].append(statistics.median(out["times"]))
+            faults[m].append(statistics.median(out["faults"]))
+    return {
+        "rounds": rounds,
+        "steps_per_process": steps,
+        "median_step_seconds": {m: statistics.median(v) for m, v in per_round.items()},
+        "median_paired_step_time_over_lora": {
+            m: statistics.median(a / b for a, b in zip(per_round[m], per_round["lora"])) for m in METHODS
+        },
+        "per_round_median_step_seconds": per_round,
+        "median_minor_page_faults_per_step": {m: statistics.median(v) for m, v in faults.items()},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=15)
@@ -141,10 +184,20 @@ def main() -> None:
     parser.add_argument("--op-steps", type=int, default=50, help="further steps whose top-level aten ops are counted")
     parser.add_argument("--basis_interval", type=int, default=1, help="tucker's bases move every k steps")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "step_cost.json"))
+    parser.add_argument(
+        "--separate-rounds",
+        type=int,
+        default=0,
+        help="then also time each method in a fresh process of its own, this many rounds (0: not)",
+    )
     parser.add_argument("--child-memory", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--child-time", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_memory:
         print(json.dumps(measure_memory(args.child_memory, args.memory_steps, args.batch, args.seq)))
+        return
+    if args.child_time:
+        print(json.dumps(time_alone(args.child_time, args.steps, args.warmup, args.batch, args.seq)))
         return
 
     total = args.warmup + args.steps
@@ -170,12 +223,18 @@ def main() -> None:
             ops[m].append(count_top_level_ops(lambda run=runners[m]: run(batch)))
     del runners
     memory = {m: peak_memory(m, args.memory_steps, args.batch, args.seq) for m in METHODS}
+    alone = (
+        separate_processes(args.separate_rounds, args.steps, args.warmup, args.batch, args.seq)
+        if args.separate_rounds
+        else None
+    )
     med = {m: statistics.median(v) for m, v in times.items()}
     mean = {m: statistics.mean(v) for m, v in times.items()}
     result = {
         "command": f"python benchmarks/step_cost.py --steps {args.steps} --batch {args.batch} --seq {args.seq} "
         f"--op-steps {args.op_steps}"
-        + (f" --basis_interval {args.basis_interval}" if args.basis_interval > 1 else ""),
+        + (f" --basis_interval {args.basis_interval}" if args.basis_interval > 1 else "")
+        + (f" --separate-rounds {args.separate_rounds}" if args.separate_rounds else ""),
         "basis_interval": args.basis_interval,
         "memory_method": "peak RSS during --memory-steps steps in a fresh process per method, minus RSS before",
         "date": date.today().isoformat(),
@@ -199,6 +258,8 @@ def main() -> None:
         "peak_memory_over_lora": {m: memory[m]["peak_mib"] / memory["lora"]["peak_mib"] for m in METHODS},
         "training_memory_over_lora": {m: memory[m]["training_mib"] / memory["lora"]["training_mib"] for m in METHODS},
     }
+    if alone is not None:
+        result["separate_processes"] = alone
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
@@ -217,6 +278,16 @@ def main() -> None:
             f" | {result['peak_memory_over_lora'][m]:.3f} | {memory[m]['training_mib']:.0f} MiB"
             f" | {result['training_memory_over_lora'][m]:.3f} | {statistics.median(faults[m]):.0f} |"
         )
+    if alone is not None:
+        print(f"\nEach method in its own process, {alone['rounds']} rounds:\n")
+        print("| method | step (median of rounds) | paired / LoRA (median) | page faults per step |")
+        print("|---|---|---|---|")
+        for m in METHODS:
+            print(
+                f"| {m} | {1000 * alone['median_step_seconds'][m]:.0f} ms | "
+                f"{alone['median_paired_step_time_over_lora'][m]:.3f} | "
+                f"{alone['median_minor_page_faults_per_step'][m]:.0f} |"
+            )
 
 
 if __name__ == "__main__":
