@@ -559,3 +559,49 @@ def test_a_step_costs_the_same_ops_for_more_layers_of_spread_ranks():
         assert len(per_shape) == 3 and all(len(r) == spread for r in per_shape.values()), per_shape
     assert counts[24, 4] == counts[6, 4], counts
     assert counts[6, 4][0] <= 1.5 * counts[6, 1][0], counts
+
+
+@pytest.mark.parametrize(
+    "sizes, ranks",
+    [
+        # five layers, factor sizes shared across layers and modes (as _Mixed), ranks out of order
+        ([(20, 24), (24, 20), (24, 24), (48, 24), (20, 48)], [(3, 3), (1, 1), (5, 5), (2, 2), (3, 3)]),
+        # one shape: each group is one mode, its slots a permutation of the layers (no longer a slice)
+        ([(20, 24)] * 4, [(1, 1), (3, 3), (2, 2), (5, 5)]),
+    ],
+)
+def test_padded_stacking_and_corner_cuts_round_trip_for_unsorted_ranks(sizes, ranks):
+    """The stacking of a padded batch (per run of equal ranks, slots sorted by rank within each group of factors) and
+    the cut back to each layer's corner are exact inverses: every real entry lands in its layer's corner, the padding
+    is exactly zero, and the groups' order converts to the mode-major order and back (known answer, no update)."""
+    from tucker_peft.optimizer import _cut_corners, _Groups
+
+    g = torch.Generator().manual_seed(0)
+    groups = _Groups(sizes, ranks, torch.zeros(1, 1))  # like a matrix core: factors grouped by size
+    assert groups.padding is not None and groups.padding.width == 5
+    for slots, padding in zip(groups.slots, groups.paddings):
+        own = [ranks[b][i] for b, i in slots]
+        assert own == sorted(own) and padding.ranks == own  # sorted by rank: one strided copy per run
+        assert len(padding.runs) == len(set(own))
+        lists = [[torch.randn(sizes[b][i], ranks[b][i], generator=g) for b, i in slots] for _ in range(3)]
+        stacked = padding.factors(lists)
+        for t, batch in enumerate(stacked):
+            for j, r in enumerate(own):
+                assert torch.equal(batch[j, :, :r], lists[t][j])
+                assert not batch[j, :, r:].any()
+        cut = _cut_corners(stacked, [(batch.shape[1], r) for r in own])
+        assert all(torch.equal(c, x) for t in range(3) for c, x in zip(cut[t], lists[t]))
+    cores = [[torch.randn(r[0], r[1], generator=g) for r in ranks] for _ in range(2)]
+    stacked = groups.padding.cores(cores)
+    for t, batch in enumerate(stacked):
+        for b, (r, _) in enumerate(ranks):
+            assert torch.equal(batch[b, :r, :r], cores[t][b])
+            assert not batch[b, r:].any() and not batch[b, :, r:].any()
+    cut = _cut_corners(stacked, ranks)
+    assert all(torch.equal(c, x) for t in range(2) for c, x in zip(cut[t], cores[t]))
+    # per-mode tensors (mode-major: slot (b, i) at i * B + b) -> per group -> per mode
+    per_mode = torch.arange(2 * len(sizes), dtype=torch.float32)[:, None, None].expand(-1, 5, 5)
+    picked = [groups.pick(per_mode, k) for k in range(len(groups.slots))]
+    for slots, values in zip(groups.slots, picked):
+        assert values[:, 0, 0].tolist() == [i * len(sizes) + b for b, i in slots]
+    assert torch.equal(torch.stack(groups.to_modes(picked)), per_mode.reshape(2, len(sizes), 5, 5))
