@@ -31,6 +31,7 @@ from datetime import date
 import torch
 from peft import LoraConfig, get_peft_model
 from torch.profiler import ProfilerActivity, profile
+from update_cost import wide_llama  # the same wide point (benchmarks/ is the script's folder)
 
 import tucker_peft
 from tucker_peft import TuckerLoraConfig
@@ -46,20 +47,6 @@ def minilm_width():
         hidden_size=384, intermediate_size=1536, num_attention_heads=12, num_hidden_layers=6, num_labels=2
     )
     return BertForSequenceClassification(config)
-
-
-def wide_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=4,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        vocab_size=32000,
-    )
-    return LlamaForCausalLM(config)
 
 
 POINTS = {
