@@ -35,6 +35,7 @@ from update_cost import wide_llama  # the same wide point (benchmarks/ is the sc
 
 import tucker_peft
 from tucker_peft import TuckerLoraConfig
+from tucker_peft.profiling import top_level_ops
 
 BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -64,12 +65,7 @@ def launches(fn, device: torch.device) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
     events = prof.events()
-    ops = sum(
-        1
-        for e in events
-        if e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
-    )
-    out = {"top_level_ops": ops}
+    out = {"top_level_ops": top_level_ops(events)}
     if device.type == "cuda":
         out["kernels"] = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
     return out

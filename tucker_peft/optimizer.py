@@ -154,11 +154,12 @@ class _Padding:
         self.padded = values[1, :, :width] <= torch.arange(width, device=like.device)  # (B, width): j >= r_b
         # runs of consecutive layers of equal rank: (first, end, rank, columns before first)
         self.runs: list[tuple[int, int, int, int]] = []
-        for b, r in enumerate(ranks):
-            if self.runs and self.runs[-1][2] == r:
-                self.runs[-1] = (*self.runs[-1][:1], b + 1, *self.runs[-1][2:])
-            else:
-                self.runs.append((b, b + 1, r, sum(ranks[:b])))
+        first = before = 0
+        for end in range(1, len(ranks) + 1):
+            if end == len(ranks) or ranks[end] != ranks[first]:
+                self.runs.append((first, end, ranks[first], before))
+                before += (end - first) * ranks[first]
+                first = end
 
     def entries(self, count: int) -> torch.Tensor:
         """``(count * B * width * width,)``: for ``count`` lists of the layers' cores flattened and concatenated (then
