@@ -51,6 +51,10 @@ METHODS = {
     "tucker": "--method tucker --r 8 --tau 0.1 --alpha 8",
     "lora": "--method lora --r 8 --alpha 8",
     "lora_r2": "--method lora --r 2 --alpha 2",  # LoRA at about tucker's final parameter budget
+    "lora_r4": "--method lora --r 4 --alpha 4",  # LoRA at half of r = 8's parameters (the issue's budget)
+    # tucker at a lower tolerance (larger final ranks): points of its quality-vs-parameters curve
+    "tucker_tau0.085": "--method tucker --r 8 --tau 0.085 --alpha 8",
+    "tucker_tau0.07": "--method tucker --r 8 --tau 0.07 --alpha 8",
     "adalora": "--method adalora --r 8 --adalora_target_r 2 --alpha 8",
     # tucker under a global budget: AdaLoRA's final adapter size per task (BUDGETS), ranks decided across layers
     "tucker_budget": "--method tucker --r 8 --tau 0 --alpha 8",
@@ -67,6 +71,9 @@ LEARNING_RATES = {
     "tucker_budget": {"sst2": 1e-3, "mrpc": 1e-3, "rte": 1e-3, "stsb": 2e-3},
     "lora": {"sst2": 2e-3, "mrpc": 2e-3, "rte": 2e-3, "stsb": 1e-3},
     "lora_r2": {"sst2": 2e-3, "mrpc": 2e-3, "rte": 2e-3, "stsb": 2e-3},
+    "lora_r4": {"sst2": 2e-3, "mrpc": 2e-3, "rte": 2e-3, "stsb": 2e-3},
+    "tucker_tau0.085": {"sst2": 1e-3, "mrpc": 1e-3, "rte": 1e-3, "stsb": 2e-3},
+    "tucker_tau0.07": {"sst2": 1e-3, "mrpc": 1e-3, "rte": 1e-3, "stsb": 2e-3},
     "adalora": {"sst2": 5e-3, "mrpc": 5e-3, "rte": 5e-3, "stsb": 5e-3},
     "full": {"sst2": 5e-5, "mrpc": 5e-5, "rte": 5e-5, "stsb": 5e-5},
 }
