@@ -6,9 +6,11 @@ Every process gets its own half of each batch; process 0 writes every process's 
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import sys
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -41,7 +43,10 @@ def main() -> None:
     out_dir, steps = sys.argv[1], int(sys.argv[2])
     basis_interval = int(sys.argv[3]) if len(sys.argv) > 3 else 1
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    # a stuck run fails with every thread's stack on stderr (which the test reports) instead of hanging the test:
+    # collectives time out after 120 s, and the whole worker is dumped and ended after 200 s (a run takes ~10 s)
+    faulthandler.dump_traceback_later(200, exit=True)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     rank, world = dist.get_rank(), dist.get_world_size()
     model = build()
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-2)
