@@ -121,3 +121,44 @@ def test_bad_arguments_are_refused(tmp_path):
         run_glue.DataTrainingArguments()
     with pytest.raises(ValueError, match="csv, tsv"):
         run_glue.DataTrainingArguments(train_file="a.txt", validation_file="b.txt")
+
+
+@pytest.mark.parametrize("method", ["tucker", "lora"])
+def test_step_dynamics_callback_measures_the_trained_deltas(tmp_path, tiny_model_dir, method):
+    """benchmarks/glue/dynamics.py's callback, through run_glue's extra callbacks: one row per optimizer step, and the
+    delta norm it records after the last step is the norm of the deltas in the saved adapter (computed here from the
+    safetensors file, not by the callback's code)."""
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks", "glue"))
+    from dynamics import DeltaDynamics, summarize
+
+    _write_data(tmp_path)
+    out = tmp_path / "out"
+    args = (
+        f"--model_name_or_path {tiny_model_dir} --task_name sst2 --train_file {tmp_path / 'train.tsv'} "
+        f"--validation_file {tmp_path / 'dev.tsv'} --method {method} --r 4 --tau 0.05 --output_dir {out} "
+        "--max_steps 8 --per_device_train_batch_size 8 --learning_rate 1e-2 --report_to none --save_strategy no "
+        "--use_cpu --seed 0 --disable_tqdm true --logging_steps 4"
+    )
+    dynamics = DeltaDynamics()
+    result = run_glue.main(args.split(), [dynamics])
+    assert [r["step"] for r in dynamics.rows] == list(range(1, 9))
+    assert dynamics.rows[0]["step_norm"] == 0.0  # no step before the first to compare with
+    assert all(r["step_norm"] > 0 and 0 <= r["in_span_fraction"] <= 1 + 1e-6 for r in dynamics.rows[1:])
+    state = load_file(out / "adapter_model.safetensors")
+    total = 0.0
+    for key in state:
+        if method == "lora" and key.endswith("lora_A.weight"):
+            delta = state[key.replace("lora_A", "lora_B")] @ state[key] * 2.0  # lora_alpha 8 / r 4
+        elif method == "tucker" and key.endswith("tucker_core"):
+            prefix = key[: -len("tucker_core")]
+            delta = state[prefix + "tucker_U0"] @ state[key] @ state[prefix + "tucker_U1"].T * 2.0  # alpha 8 / r 4
+        else:
+            continue
+        total += delta.pow(2).sum().item()
+    assert total > 0
+    assert dynamics.rows[-1]["delta_norm"] == pytest.approx(total**0.5, rel=1e-5)
+    summary = summarize(dynamics.rows, dynamics.losses, result, dynamics.spectra)
+    assert summary["final_delta_norm"] == dynamics.rows[-1]["delta_norm"]
+    assert summary["final_spectrum"][0] == pytest.approx(1.0) and 1.0 <= summary["final_effective_rank"] <= 8.0

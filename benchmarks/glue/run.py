@@ -90,8 +90,10 @@ def run_one(
     out_root: str,
     method_args: str | None = None,
     tag: str = "",
+    callbacks: list | None = None,
 ) -> dict:
-    """One ``run_glue.py`` run; ``method_args`` replaces ``METHODS[method]`` (the tuning sweep uses it)."""
+    """One ``run_glue.py`` run; ``method_args`` replaces ``METHODS[method]`` (the tuning sweep uses it), ``callbacks``
+    are added to its ``Trainer``."""
     import run_glue
 
     train, dev = (os.path.join(DATA, f) for f in FILES[task])
@@ -112,7 +114,7 @@ def run_one(
     if samples:
         args += ["--max_train_samples", str(samples)]
     with contextlib.redirect_stdout(io.StringIO()):
-        return run_glue.main(args)
+        return run_glue.main(args, callbacks)
 
 
 def summarize(runs: list[dict]) -> list[dict]:

@@ -251,7 +251,9 @@ def build_model(model_args: ModelArguments, num_labels: int, total_steps: int):
     return get_peft_model(model, config)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, extra_callbacks: list[TrainerCallback] | None = None) -> dict:
+    """Train and evaluate; ``extra_callbacks`` go to the ``Trainer`` after the method's own (benchmarks measure with
+    them)."""
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
     if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
         model_args, data_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
@@ -316,6 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
                 basis_interval=model_args.basis_interval,
             )
         )
+    callbacks.extend(extra_callbacks or [])
     start = adapter_summary(model, model_args.method)
 
     compute = metric_function(task)
