@@ -69,6 +69,7 @@ class DeltaDynamics(TrainerCallback):
         self.losses: list[dict] = []
         self._previous: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._steps: dict[str, torch.Tensor] = {}
+        self.spectra: dict[str, list[float]] = {}  # per layer, at the end of training
 
     @torch.no_grad()
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -117,8 +118,9 @@ class DeltaDynamics(TrainerCallback):
 
 def summarize(rows: list[dict], losses: list[dict], result: dict, spectra: dict[str, list[float]]) -> dict:
     """Train loss per third of training, eval loss, path length against final delta norm, mean in-span fraction and
-    mean consecutive cosine (steps after the 10th, or the second half of a short run), and the final deltas' spectra: the mean over layers of
-    ``sigma_j / sigma_1`` (leading 8) and of the effective rank ``(sum sigma)^2 / sum sigma^2`` of those 8."""
+    mean consecutive cosine (steps after the 10th, or the second half of a short run), and the final deltas'
+    spectra: the mean over layers of ``sigma_j / sigma_1`` (leading 8) and of the effective rank
+    ``(sum sigma)^2 / sum sigma^2`` of those 8."""
     last = rows[-1]["step"]
     thirds = [(0, last // 3), (last // 3, 2 * last // 3), (2 * last // 3, last)]
     skip = min(10, len(rows) // 2)  # the first steps (from a zero delta) say little about the steady dynamics
