@@ -13,6 +13,26 @@ from ._registry import TUCKER_PEFT_TYPE
 CONV_MODES = ("channels", "full")
 
 
+def check_budget_schedule(schedule, budget) -> list[float]:
+    """``schedule`` as ``[start, end]`` floats, or a ValueError that names the fix."""
+    if budget is None:
+        raise ValueError(
+            "`budget_schedule` shrinks the adapter to `budget`: set budget=<adapter parameters> as well, or drop "
+            "budget_schedule."
+        )
+    if (
+        not isinstance(schedule, (list, tuple))
+        or len(schedule) != 2
+        or not all(isinstance(f, (int, float)) and not isinstance(f, bool) for f in schedule)
+        or not 0 <= schedule[0] < schedule[1] <= 1
+    ):
+        raise ValueError(
+            "`budget_schedule` must be [start, end], fractions of the training steps with 0 <= start < end <= 1 "
+            f"(e.g. [0.2, 0.8]); got {schedule!r}."
+        )
+    return [float(f) for f in schedule]
+
+
 @dataclass
 class TuckerLoraConfig(PeftConfig):
     """Configuration of a [`TuckerLoraModel`]: adapters ``W = W0 + s * C x_0 U_0 ... x_{d-1} U_{d-1}`` (docs/algorithm.md §1).
@@ -50,6 +70,16 @@ class TuckerLoraConfig(PeftConfig):
             "may keep, like AdaLoRA's target budget: the ranks are then decided across layers, dropping first the "
             "directions with the smallest share of the scaled delta, within [min_rank, max_rank] and tau. None: no "
             "global limit (each layer by tau alone)."
+        },
+    )
+    budget_schedule: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "[start, end] as fractions of the training steps, with `budget`: no global limit before start "
+            "(ranks by tau), then the limit shrinks from the adapter's initial size to `budget` by end (cubic, like "
+            "AdaLoRA's schedule) and stays there, so that the adapter trains at full size first and its smallest "
+            "directions are dropped gradually. Needs the number of training steps (TuckerLoraCallback takes it from "
+            "the Trainer; a plain loop passes total_steps to tucker_peft.attach). None: `budget` from the first step."
         },
     )
     alpha: float = field(
@@ -140,6 +170,8 @@ class TuckerLoraConfig(PeftConfig):
             isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1
         ):
             raise ValueError(f"`budget` must be None or a positive integer (adapter parameters); got {self.budget!r}.")
+        if self.budget_schedule is not None:
+            self.budget_schedule = check_budget_schedule(self.budget_schedule, self.budget)
         if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
             raise ValueError(f"`alpha` must be a finite number > 0 (the scale is alpha / r); got {self.alpha!r}.")
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):

@@ -386,7 +386,9 @@ class TuckerLoraCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         # a second trainer.train() on the same optimizer keeps the update that is already attached
         attachment = ATTACHED.get(_torch_optimizer(optimizer))
-        self.tucker = attachment.tucker if attachment else attach(optimizer, model, **self.optimizer_kwargs)
+        # the Trainer's number of optimizer steps, for a budget schedule (which is given in fractions of it)
+        kwargs = {"total_steps": state.max_steps, **self.optimizer_kwargs}
+        self.tucker = attachment.tucker if attachment else attach(optimizer, model, **kwargs)
         self.history = [{"step": state.global_step, **rank_summary(self.tucker)}]
         if state.global_step > 0:
             self._resume_state(args, state, model)

@@ -90,6 +90,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import geometry
+from .config import check_budget_schedule
 from .layer import TuckerLayer
 from .model import iter_tucker_layers
 from .tensor_ops import valid_tucker_ranks
@@ -387,6 +388,11 @@ class TuckerOptimizer(Optimizer):
             in between, only the cores take an Adam step, for all layers at once, and the basis gradients are summed.
         budget: largest number of adapter parameters (all layers' cores and factors) a rank decision may keep;
             default: the adapter config's ``budget`` (None: no global limit, only the per-layer tolerance).
+        budget_schedule: ``[start, end]``, fractions of ``total_steps``: no global limit before ``start``, then the
+            limit shrinks from the adapter's initial size to ``budget`` by ``end`` (:meth:`current_budget`);
+            default: the adapter config's ``budget_schedule`` (None: ``budget`` from the first step).
+        total_steps: the number of optimizer steps of the training, needed by ``budget_schedule``
+            (:class:`~tucker_peft.TuckerLoraCallback` passes the Trainer's ``max_steps``).
     """
 
     def __init__(
@@ -407,6 +413,8 @@ class TuckerOptimizer(Optimizer):
         rank_headroom: int = 1,
         basis_interval: int = 1,
         budget: int | None = None,
+        budget_schedule: list[float] | None = None,
+        total_steps: int | None = None,
     ) -> None:
         if direction not in ("adam", "sgd"):
             raise ValueError(f"`direction` must be 'adam' or 'sgd'; got {direction!r}.")
@@ -443,21 +451,20 @@ class TuckerOptimizer(Optimizer):
             raise ValueError(f"need 1 <= min_rank <= max_rank; got min_rank={min_rank}, max_rank={max_rank}.")
         budget = config.budget if budget is None else budget
         if budget is not None:
-            smallest = sum(
-                _layer_size(
-                    layer,
-                    adapter_name,
-                    valid_tucker_ranks(
-                        [min_rank] * len(layer.factors(adapter_name)),
-                        layer.core(adapter_name).shape[len(layer.factors(adapter_name)) :],
-                    ),
-                )
-                for _, layer in layers
-            )
+            smallest = sum(_layer_size_at(layer, adapter_name, min_rank) for _, layer in layers)
             if isinstance(budget, bool) or not isinstance(budget, int) or budget < smallest:
                 raise ValueError(
                     f"`budget` must be an integer >= {smallest:,}, the adapter's size with every mode at min_rank="
                     f"{min_rank}; got {budget!r}. Raise the budget, lower min_rank or adapt fewer modules."
+                )
+        budget_schedule = config.budget_schedule if budget_schedule is None else budget_schedule
+        if budget_schedule is not None:
+            budget_schedule = check_budget_schedule(budget_schedule, budget)
+            if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+                raise ValueError(
+                    "`budget_schedule` is given in fractions of the training: pass total_steps=<number of optimizer "
+                    f"steps> to tucker_peft.attach(...) or TuckerOptimizer(...) (TuckerLoraCallback takes it from the "
+                    f"Trainer); got total_steps={total_steps!r}."
                 )
         for name, layer in layers:
             if _owner(layer.core(adapter_name)) is not None:
@@ -492,6 +499,10 @@ class TuckerOptimizer(Optimizer):
         super().__init__(groups, defaults)
         self.adapter_name = adapter_name
         self.budget = budget
+        self.budget_schedule = budget_schedule
+        self.total_steps = total_steps
+        #: the adapter's size at its initial ranks (``r`` per layer), where a budget schedule starts
+        self.initial_size = sum(_layer_size_at(layer, adapter_name, layer.r[adapter_name]) for _, layer in layers)
         self._layers: list[TuckerLayer] = [layer for _, layer in layers]
         for group in self.param_groups:
             for param in group["params"]:
@@ -514,6 +525,19 @@ class TuckerOptimizer(Optimizer):
     def layers(self) -> dict[str, TuckerLayer]:
         """The Tucker layers this update trains, by name (as in ``ranks()`` and ``module_ranks``)."""
         return {g["name"]: layer for g, layer in zip(self.param_groups, self._layers)}
+
+    def current_budget(self, step: int) -> int | None:
+        """The global limit a rank decision at optimizer step ``step`` (1-based) applies: ``budget``, or with
+        ``budget_schedule = [start, end]`` none up to ``start * total_steps``, then ``budget + (S - budget) (1 - f)^3``
+        with ``f`` the fraction of ``[start, end] * total_steps`` passed and ``S`` the adapter's initial size
+        (AdaLoRA's cubic schedule), ``budget`` from ``end * total_steps`` on."""
+        if self.budget_schedule is None:
+            return self.budget
+        start, end = (f * self.total_steps for f in self.budget_schedule)
+        if step <= start:
+            return None
+        left = 1.0 - min(1.0, (step - start) / (end - start))
+        return self.budget + max(0, int((self.initial_size - self.budget) * left**3))
 
     def num_adapter_parameters(self) -> int:
         """Current number of Tucker adapter parameters (cores and factors at their active ranks)."""
@@ -595,8 +619,9 @@ class TuckerOptimizer(Optimizer):
                 sigmas.append([values[pos + b * k : pos + b * k + own[b]] for b in range(size)])
                 pos += size * k
             decisions.append(self._rank_decisions(plan, norms, sigmas))
-        if self.budget is not None and any(plan.decide for plan in plans):
-            self._fit_budget(plans, decisions)
+        budget = self.current_budget(max(plan.step for plan in plans)) if plans else None
+        if budget is not None and any(plan.decide for plan in plans):
+            self._fit_budget(plans, decisions, budget)
         copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         if core_steps is not None:
             copies.extend(core_steps.copies)
@@ -926,7 +951,7 @@ class TuckerOptimizer(Optimizer):
             )
         return out
 
-    def _fit_budget(self, plans: list[_Batch], decisions: list[list[_Decision]]) -> None:
+    def _fit_budget(self, plans: list[_Batch], decisions: list[list[_Decision]], budget: int) -> None:
         """Global rank decision under ``budget``: while the adapter would exceed it, drop the direction with the
         smallest singular value times the layer's scale (its share of ``||s dW||``) among all deciding layers."""
         records = [rec for plan_decisions in decisions for rec in plan_decisions]
@@ -951,7 +976,7 @@ class TuckerOptimizer(Optimizer):
 
         for index in range(len(records)):
             push(index)
-        while total > self.budget and heap:
+        while total > budget and heap:
             _, index, mode, r = heapq.heappop(heap)
             rec = records[index]
             if rec.ranks[mode] != r:  # stale entry: this mode changed since
@@ -1199,6 +1224,14 @@ def _layer_size(layer: TuckerLayer, adapter_name: str, ranks) -> int:
     return math.prod(ranks) * math.prod(core.shape[len(factors) :]) + sum(
         u.shape[0] * r for u, r in zip(factors, ranks)
     )
+
+
+def _layer_size_at(layer: TuckerLayer, adapter_name: str, rank: int) -> int:
+    """Parameters of the adapter on ``layer`` with every mode at ``rank`` (clipped to the valid ranks)."""
+    factors = layer.factors(adapter_name)
+    window = layer.core(adapter_name).shape[len(factors) :]
+    ranks = valid_tucker_ranks([min(rank, u.shape[0]) for u in factors], window)
+    return _layer_size(layer, adapter_name, ranks)
 
 
 def _check_lr(lr: float) -> None:

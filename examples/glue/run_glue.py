@@ -93,6 +93,13 @@ class ModelArguments:
     budget: int | None = field(
         default=None, metadata={"help": "tucker: largest number of adapter parameters (global rank decisions)."}
     )
+    budget_schedule: str | None = field(
+        default=None,
+        metadata={
+            "help": "tucker: 'start,end' fractions of training over which the budget shrinks from the initial size "
+            "to --budget (e.g. 0.2,0.8)."
+        },
+    )
     alpha: float = field(default=8.0, metadata={"help": "Adapter scale numerator (tucker alpha, lora_alpha)."})
     adapter_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input."})
     direction: str = field(default="adam", metadata={"help": "tucker: 'adam' or 'sgd' step direction."})
@@ -220,6 +227,9 @@ def build_model(model_args: ModelArguments, num_labels: int, total_steps: int):
             min_rank=model_args.min_rank,
             tau=model_args.tau,
             budget=model_args.budget,
+            budget_schedule=[float(f) for f in model_args.budget_schedule.split(",")]
+            if model_args.budget_schedule
+            else None,
             alpha=model_args.alpha,
             dropout=model_args.adapter_dropout,
             target_modules=targets,
