@@ -387,8 +387,8 @@ class TuckerLoraCallback(TrainerCallback):
         # a second trainer.train() on the same optimizer keeps the update that is already attached
         attachment = ATTACHED.get(_torch_optimizer(optimizer))
         # the Trainer's number of optimizer steps, for a budget schedule (which is given in fractions of it)
-        kwargs = {"total_steps": state.max_steps, **self.optimizer_kwargs}
-        self.tucker = attachment.tucker if attachment else attach(optimizer, model, **kwargs)
+        options = {"total_steps": state.max_steps, **self.optimizer_kwargs}
+        self.tucker = attachment.tucker if attachment else attach(optimizer, model, **options)
         self.history = [{"step": state.global_step, **rank_summary(self.tucker)}]
         if state.global_step > 0:
             self._resume_state(args, state, model)

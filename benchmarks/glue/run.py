@@ -58,6 +58,10 @@ METHODS = {
     "adalora": "--method adalora --r 8 --adalora_target_r 2 --alpha 8",
     # tucker under a global budget: AdaLoRA's final adapter size per task (BUDGETS), ranks decided across layers
     "tucker_budget": "--method tucker --r 8 --tau 0 --alpha 8",
+    # tucker trained at rank 8 first, then shrunk to 150,000 adapter parameters (0.45x LoRA r = 8's) between 20% and
+    # 80% of the steps (budget_schedule); core step scale 2 (the 2026-11-30 fixed-rank probes)
+    "tucker_sched": "--method tucker --r 8 --max_rank 8 --tau 0 --alpha 8 --adaptive_scale 2 --budget 150000 "
+    "--budget_schedule 0.2,0.8",
     "full": "--method full",
 }
 #: picked by ``tune.py`` (grid 5e-4, 1e-3, 2e-3, 5e-3 for each adapter method, seed 0, SST-2 and STS-B; MRPC and
@@ -74,6 +78,7 @@ LEARNING_RATES = {
     "lora_r4": {"sst2": 2e-3, "mrpc": 2e-3, "rte": 2e-3, "stsb": 2e-3},
     "tucker_tau0.085": {"sst2": 1e-3, "mrpc": 1e-3, "rte": 1e-3, "stsb": 2e-3},
     "tucker_tau0.07": {"sst2": 1e-3, "mrpc": 1e-3, "rte": 1e-3, "stsb": 2e-3},
+    "tucker_sched": {"sst2": 2e-3, "mrpc": 2e-3, "rte": 2e-3, "stsb": 2e-3},
     "adalora": {"sst2": 5e-3, "mrpc": 5e-3, "rte": 5e-3, "stsb": 5e-3},
     "full": {"sst2": 5e-5, "mrpc": 5e-5, "rte": 5e-5, "stsb": 5e-5},
 }
