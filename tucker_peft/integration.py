@@ -345,7 +345,8 @@ class TuckerLoraCallback(TrainerCallback):
     - At the end it writes ``tucker_ranks.json`` (per-layer ranks and their history) and ``tucker_ranks.png`` into
       ``output_dir``.
 
-    Keyword arguments go to :class:`TuckerOptimizer` (e.g. ``direction="sgd"``, ``tau=0.05``).
+    Keyword arguments go to :class:`TuckerOptimizer` (e.g. ``direction="sgd"``, ``tau=0.05``); ``total_steps``
+    (which a ``budget_schedule`` needs) defaults to the Trainer's ``max_steps``.
     """
 
     def __init__(self, **optimizer_kwargs: Any) -> None:
