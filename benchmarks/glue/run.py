@@ -75,7 +75,7 @@ LEARNING_RATES = {
     "tucker_budget": {"sst2": 1e-3, "mrpc": 1e-3, "rte": 1e-3, "stsb": 2e-3},
     "lora": {"sst2": 2e-3, "mrpc": 2e-3, "rte": 2e-3, "stsb": 1e-3},
     "lora_r2": {"sst2": 2e-3, "mrpc": 2e-3, "rte": 2e-3, "stsb": 2e-3},
-    "lora_r4": {"sst2": 2e-3, "mrpc": 2e-3, "rte": 2e-3, "stsb": 2e-3},
+    "lora_r4": {"sst2": 2e-3, "mrpc": 2e-3, "rte": 2e-3, "stsb": 1e-3},  # stsb: glue_tuning_sched.json
     "tucker_tau0.085": {"sst2": 1e-3, "mrpc": 1e-3, "rte": 1e-3, "stsb": 2e-3},
     "tucker_tau0.07": {"sst2": 1e-3, "mrpc": 1e-3, "rte": 1e-3, "stsb": 2e-3},
     "tucker_sched": {"sst2": 2e-3, "mrpc": 2e-3, "rte": 2e-3, "stsb": 2e-3},
