@@ -137,3 +137,27 @@ def test_budget_schedule_through_the_trainer_takes_its_number_of_steps(tmp_path)
     assert params[:11] == [size(6)] * 11  # full size through step 10 = 0.25 * 40
     assert all(params[s] <= callback.tucker.current_budget(s) for s in range(11, 41))
     assert size(2) < params[15] < size(6) and params[30:] == [size(2)] * 11  # shrinking, then at the budget
+
+
+def test_budget_counts_the_dense_window_of_conv_cores():
+    """Conv adapters keep the kernel window dense in the core (``r_out x r_in x 3 x 3``): the budget's greedy drop
+    must count it, so the adapter ends within one dropped rank below the budget (counting the core as ``r_out x r_in``
+    alone would stop far above it, counting the factors alone far below)."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(6, 8, 3, padding=1), nn.Conv2d(8, 6, 3, padding=1)).requires_grad_(False)
+    model = get_peft_model(base, TuckerLoraConfig(r=4, alpha=4, tau=0.0, target_modules=["0", "1"], budget=300))
+    tucker = TuckerOptimizer(model, lr=5e-3)
+    assert tucker.num_adapter_parameters() == 2 * (4 * 4 * 9 + 4 * 8 + 4 * 6)  # 400: above the budget at the start
+    g = torch.Generator().manual_seed(2)
+    target = nn.Sequential(nn.Conv2d(6, 8, 3, padding=1), nn.Conv2d(8, 6, 3, padding=1))
+    largest_drop = 4 * 9 + 8  # one rank of a mode: a core slice r x 3 x 3 and a factor column
+    for _ in range(5):
+        x = torch.randn(4, 6, 5, 5, generator=g)
+        with torch.no_grad():
+            y = target(x)
+        ((model(x) - y) ** 2).mean().backward()
+        tucker.step()
+        tucker.zero_grad()
+        size = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert size == tucker.num_adapter_parameters()
+        assert 300 - largest_drop < size <= 300

@@ -961,7 +961,9 @@ class TuckerOptimizer(Optimizer):
             for layer in self._layers
             if id(layer) not in deciding
         )
-        sizes = [_layer_size(rec.layer, self.adapter_name, rec.ranks) for rec in records]
+        # mode sizes once per layer: the greedy loop below recomputes a layer's size after every rank it drops
+        shapes = [rec.layer.mode_sizes(self.adapter_name) for rec in records]
+        sizes = [_size_at(n, rec.dense, rec.ranks) for n, rec in zip(shapes, records)]
         total = fixed + sum(sizes)
         heap: list[tuple[float, int, int, int]] = []
 
@@ -984,7 +986,7 @@ class TuckerOptimizer(Optimizer):
             ranks = list(rec.ranks)
             ranks[mode] -= 1
             rec.ranks = rec.decided = geometry.valid_working_ranks(ranks, [len(s) for s in rec.sigmas], rec.dense)
-            new_size = _layer_size(rec.layer, self.adapter_name, rec.ranks)
+            new_size = _size_at(shapes[index], rec.dense, rec.ranks)
             total += new_size - sizes[index]
             sizes[index] = new_size
             heap = [entry for entry in heap if entry[1] != index]
@@ -1218,12 +1220,16 @@ def _core_scale(group: dict, state: dict) -> float:
     return auto_adaptive_scale(group["reference_size"], math.prod(ranks) * math.prod(core.shape[len(factors) :]))
 
 
+def _size_at(mode_sizes, window, ranks) -> int:
+    """Parameters of a Tucker adapter with factorized modes ``mode_sizes`` at ``ranks`` and a dense core
+    ``window``: core and factors."""
+    return math.prod(ranks) * math.prod(window) + sum(n * r for n, r in zip(mode_sizes, ranks))
+
+
 def _layer_size(layer: TuckerLayer, adapter_name: str, ranks) -> int:
     """Parameters of a Tucker adapter on ``layer`` at ``ranks``: core (with its dense window) and factors."""
     core, factors = layer.core(adapter_name), layer.factors(adapter_name)
-    return math.prod(ranks) * math.prod(core.shape[len(factors) :]) + sum(
-        u.shape[0] * r for u, r in zip(factors, ranks)
-    )
+    return _size_at([u.shape[0] for u in factors], core.shape[len(factors) :], ranks)
 
 
 def _layer_size_at(layer: TuckerLayer, adapter_name: str, rank: int) -> int:
