@@ -965,19 +965,17 @@ class TuckerOptimizer(Optimizer):
         shapes = [rec.layer.mode_sizes(self.adapter_name) for rec in records]
         sizes = [_size_at(n, rec.dense, rec.ranks) for n, rec in zip(shapes, records)]
         total = fixed + sum(sizes)
-        heap: list[tuple[float, int, int, int]] = []
-
-        def push(index: int) -> None:
-            rec = records[index]
-            if not rec.decide:
-                return
-            scale = rec.layer.scaling[self.adapter_name]
-            for mode, r in enumerate(rec.ranks):
-                if r > rec.min_rank:
-                    heapq.heappush(heap, (scale * rec.sigmas[mode][r - 1], index, mode, r))
-
-        for index in range(len(records)):
-            push(index)
+        scales = [rec.layer.scaling[self.adapter_name] for rec in records]
+        # one entry per droppable mode: (share of the direction that would go, layer, mode, rank it has now); a
+        # mode whose rank changes gets a new entry and its old one is skipped when popped (lazy deletion)
+        heap = [
+            (scales[index] * rec.sigmas[mode][r - 1], index, mode, r)
+            for index, rec in enumerate(records)
+            if rec.decide
+            for mode, r in enumerate(rec.ranks)
+            if r > rec.min_rank
+        ]
+        heapq.heapify(heap)
         while total > budget and heap:
             _, index, mode, r = heapq.heappop(heap)
             rec = records[index]
@@ -985,13 +983,14 @@ class TuckerOptimizer(Optimizer):
                 continue
             ranks = list(rec.ranks)
             ranks[mode] -= 1
+            before = rec.ranks
             rec.ranks = rec.decided = geometry.valid_working_ranks(ranks, [len(s) for s in rec.sigmas], rec.dense)
             new_size = _size_at(shapes[index], rec.dense, rec.ranks)
             total += new_size - sizes[index]
             sizes[index] = new_size
-            heap = [entry for entry in heap if entry[1] != index]
-            heapq.heapify(heap)
-            push(index)
+            for m, (old, now) in enumerate(zip(before, rec.ranks)):
+                if now != old and now > rec.min_rank:
+                    heapq.heappush(heap, (scales[index] * rec.sigmas[m][now - 1], index, m, now))
 
     def _truncate(
         self, plan: _Batch, decisions: list[_Decision], copies: list[tuple[torch.Tensor, torch.Tensor]]
