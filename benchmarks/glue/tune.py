@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="parallel runs (on 2 cores, 1 is faster than 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--profile", choices=["full", "long"], default="full", help="run.py's data sizes and epochs to tune at"
+        "--profile", choices=list(bench.PROFILES), default="full", help="run.py's data sizes and epochs to tune at"
     )
     parser.add_argument("--out_dir", default=os.path.join(bench.ROOT, "outputs", "glue-tuning"))
     parser.add_argument("--tucker_args", default=None, help="replace tucker's fixed arguments (e.g. another tau)")
