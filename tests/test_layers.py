@@ -116,10 +116,11 @@ def test_conv_channels_last_and_unbatched_inputs_match_contiguous(case):
     torch.testing.assert_close(model(x[0]), expected[0], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["linear", "conv1d_gpt2"])
-def test_linear_sum_of_adapters_and_gradients_match_dense_reference(case):
-    """The Linear forward adds ``s (x (C U1^T)^T) U0^T`` inside the second GEMM (addmm): unbatched and transposed
-    inputs, two adapters active at once, and the core's and factors' gradients against the dense delta's."""
+@pytest.mark.parametrize("case", ["linear", "conv1d_gpt2", "conv2d", "conv2d_1x1"])
+def test_sum_of_adapters_and_gradients_match_dense_reference(case):
+    """The adapter is added inside its last GEMM (addmm / baddbmm) with the scale folded into the core: batched,
+    unbatched and non-contiguous inputs, two adapters active at once, and the core's and factors' gradients
+    against the dense delta's."""
     base, model, x = _adapted(case, init_weights=False)
     model.add_adapter("other", TuckerLoraConfig(target_modules=["layer"], r=2, alpha=5.0, init_weights=False))
     randomize_adapter(model, seed=1)
@@ -128,17 +129,28 @@ def test_linear_sum_of_adapters_and_gradients_match_dense_reference(case):
     def dense(a):
         return tucker_to_tensor(tucker.core(a), tucker.factors(a)) * tucker.scaling[a]
 
+    layer = tucker.get_base_layer()
+
+    def apply(inp, delta):
+        if case in ("linear", "conv1d_gpt2"):
+            return F.linear(inp, delta)
+        return F.conv2d(inp, delta, None, layer.stride, layer.padding, layer.dilation)
+
+    # batched, unbatched, non-contiguous (transformers' Conv1D itself needs a contiguous input)
+    if case.startswith("conv2d"):
+        inputs = [x, x[0], x.to(memory_format=torch.channels_last)]
+    else:
+        inputs = [x, x[0, 0]] + ([x.transpose(0, 1)] if case == "linear" else [])
     for names in (["default", "other"], ["other"]):
         tucker.set_adapter(names)
         delta = sum(dense(a) for a in names)
-        inputs = [x, x[0, 0]] + ([x.transpose(0, 1)] if case == "linear" else [])  # Conv1D needs contiguous x
-        for inp in inputs:  # batched, unbatched, non-contiguous
-            torch.testing.assert_close(model(inp), base(inp) + F.linear(inp, delta), atol=1e-5, rtol=1e-5)
+        for inp in inputs:
+            torch.testing.assert_close(model(inp), base(inp) + apply(inp, delta), atol=1e-5, rtol=1e-5)
     # gradients: through the library's forward and through the dense delta built from the same leaves
     params = [tucker.core("other"), *tucker.factors("other")]
-    weight = torch.randn(x.shape[:-1] + (10,), generator=torch.Generator().manual_seed(5))
+    weight = torch.randn(base(x).shape, generator=torch.Generator().manual_seed(5))
     grads = torch.autograd.grad((model(x) * weight).sum(), params)
-    ref = torch.autograd.grad(((base(x) + F.linear(x, dense("other"))) * weight).sum(), params)
+    ref = torch.autograd.grad(((base(x) + apply(x, dense("other"))) * weight).sum(), params)
     for g, r in zip(grads, ref):
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
 
