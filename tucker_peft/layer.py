@@ -292,9 +292,9 @@ class TuckerLayer(BaseTunerLayer):
     # Forward
     def _add_adapter(self, result: torch.Tensor, x: torch.Tensor, adapter: str) -> torch.Tensor:
         """``result + s * adapter(x)``: the layer classes fold the scale ``s`` into the small core and the sum into
-        the last GEMM (``addmm`` / ``baddbmm`` with beta = 1): one output-sized pass forward and backward where
-        ``result + adapter(x) * s`` makes three (4-6% of MiniLM's forward + backward on CPU; on a GPU two kernels
-        fewer per layer)."""
+        the last GEMM (``addmm`` / ``baddbmm`` with beta = 1). Against ``result + adapter(x) * s`` that is one
+        output-sized tensor instead of three in the forward and no pass for the scale over the output's gradient in
+        the backward (a MiniLM forward + backward 4-6% faster on CPU, benchmarks/README.md "Training step cost")."""
         raise NotImplementedError
 
     def _tucker_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
