@@ -16,8 +16,8 @@ import cuda_cost  # noqa: E402
 def _small_bert():
     from transformers import BertConfig, BertForSequenceClassification
 
-    torch.manual_seed(0)  # ids are drawn from [1000, 20000)
-    config = BertConfig(
+    torch.manual_seed(0)
+    config = BertConfig(  # measure() draws token ids from [1000, 20000)
         vocab_size=20000, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2
     )
     return BertForSequenceClassification(config)
