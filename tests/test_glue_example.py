@@ -90,6 +90,160 @@ def test_run_glue_regression_task(tmp_path, tiny_model_dir):
     assert "eval_spearmanr" in result["eval_metrics"]
 
 
+def _glue_layout_files(folder, task):
+    """A few rows in the layout of GLUE's own download of ``task`` (invented sentences, the real column layout)."""
+    rows = {
+        # CoLA: no header row; source, label, the author's mark, sentence
+        "cola": (None, [["gj04", "1", "", "the movie was good"], ["gj04", "0", "*", "movie the was good"]]),
+        "rte": (
+            ["index", "sentence1", "sentence2", "label"],
+            [
+                ["0", "the movie was good", "the movie is good", "entailment"],
+                ["1", "a plot", "the movie", "not_entailment"],
+            ],
+        ),
+        "qqp": (
+            ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"],
+            [
+                ["0", "1", "2", "was the movie good", "is the movie good", "1"],
+                ["1", "3", "4", "a plot", "a movie", "0"],
+            ],
+        ),
+        "mnli": (
+            ["index", "promptID", "pairID", "genre", "sentence1", "sentence2", "label1", "gold_label"],
+            [
+                ["0", "1", "1e", "fiction", "the movie was good", "the movie is good", "entailment", "entailment"],
+                [
+                    "1",
+                    "2",
+                    "2c",
+                    "fiction",
+                    "the movie was good",
+                    "the movie was bad",
+                    "contradiction",
+                    "contradiction",
+                ],
+                ["2", "3", "3n", "fiction", "the movie was good", "the plot was dull", "neutral", "neutral"],
+            ],
+        ),
+    }[task]
+    header, data = rows
+    lines = ([header] if header else []) + data
+    for name in ("train.tsv", "dev.tsv"):
+        (folder / name).write_text("\n".join("\t".join(line) for line in lines) + "\n")
+    return run_glue.DataTrainingArguments(
+        task_name=task, train_file=str(folder / "train.tsv"), validation_file=str(folder / "dev.tsv")
+    )
+
+
+@pytest.mark.parametrize(
+    "task, labels, texts",
+    [
+        ("cola", [1, 0], {"sentence": ["the movie was good", "movie the was good"]}),
+        (
+            "rte",
+            [0, 1],
+            {"sentence1": ["the movie was good", "a plot"], "sentence2": ["the movie is good", "the movie"]},
+        ),
+        (
+            "qqp",
+            [1, 0],
+            {"question1": ["was the movie good", "a plot"], "question2": ["is the movie good", "a movie"]},
+        ),
+        ("mnli", [0, 2, 1], {"premise": ["the movie was good"] * 3}),
+    ],
+)
+def test_glue_download_layouts_load_with_hub_names(tmp_path, task, labels, texts):
+    """GLUE's own TSVs (CoLA without a header, word labels, original column names) load as the Hub dataset does:
+    its column names and its label ids (``nyu-mll/glue``: RTE entailment = 0, MNLI entailment / neutral /
+    contradiction = 0 / 1 / 2)."""
+    raw = run_glue.load_data(_glue_layout_files(tmp_path, task), cache_dir=str(tmp_path / "cache"))
+    for split in ("train", "validation"):
+        assert raw[split]["label"] == labels
+        for column, values in texts.items():
+            assert raw[split][column] == values
+    if task in ("rte", "mnli"):
+        assert raw["train"].features["label"].names == run_glue.LABEL_NAMES[task]
+
+
+def test_glue_download_layout_trains(tmp_path, tiny_model_dir):
+    """A GLUE task outside shared/ (MNLI: three classes, word labels, the original columns) through the whole
+    script: a 3-way head, the task's metric."""
+    _glue_layout_files(tmp_path, "mnli")
+    args = (
+        f"--model_name_or_path {tiny_model_dir} --task_name mnli --train_file {tmp_path / 'train.tsv'} "
+        f"--validation_file {tmp_path / 'dev.tsv'} --output_dir {tmp_path / 'out'} --max_steps 2 --r 2 "
+        "--per_device_train_batch_size 3 --report_to none --save_strategy no --use_cpu --disable_tqdm true "
+        "--ignore_mismatched_sizes true"
+    )
+    result = run_glue.main(args.split())
+    assert result["metric"] == "accuracy" and round(3 * result["value"], 6) in (0, 1, 2, 3)  # 3 dev rows
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    heads = [v.shape[0] for k, v in saved.items() if "classifier" in k and k.endswith("weight")]
+    assert heads == [3]  # one 3-way head
+
+
+def test_bad_data_is_refused(tmp_path):
+    args = _glue_layout_files(tmp_path, "rte")
+    (tmp_path / "dev.tsv").write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tneutral\n")
+    with pytest.raises(ValueError, match=r"\['neutral'\].*this GLUE task's classes"):
+        run_glue.load_data(args, cache_dir=str(tmp_path / "cache"))
+    (tmp_path / "train.tsv").write_text("text\tverdict\nthe movie was good\t1\n")
+    (tmp_path / "dev.tsv").write_text("text\tverdict\nthe movie was bad\t0\n")
+    with pytest.raises(ValueError, match="no label column.*--label_key"):
+        run_glue.load_data(args, cache_dir=str(tmp_path / "cache2"))
+    custom = run_glue.DataTrainingArguments(
+        train_file=str(tmp_path / "train.tsv"), validation_file=str(tmp_path / "dev.tsv"), label_key="verdict"
+    )
+    assert run_glue.load_data(custom, cache_dir=str(tmp_path / "cache3"))["train"]["label"] == [1]
+    argv = f"--model_name_or_path {tmp_path / 'no-model'} --train_file {custom.train_file} --validation_file "
+    argv += f"{custom.validation_file} --label_key verdict --output_dir {tmp_path / 'out'} --use_cpu"
+    with pytest.raises(ValueError, match=r"\['sentence'\] not in the data.*--sentence1_key"):
+        run_glue.main(argv.split())  # before the model is looked for
+
+
+def test_benchmark_runs_a_glue_task_outside_shared(tmp_path, tiny_model_dir, monkeypatch):
+    """benchmarks/glue/run.py finds a task's files in GLUE's layout (TSVs, or the Hub's parquet files; shared/'s
+    RTE is parquet, the others TSV) and runs a task that shared/ lacks (CoLA, headerless) through the same code, at
+    the method's SST-2 learning rate."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks", "glue"))
+    import run as bench
+
+    data = tmp_path / "glue"
+    for folder, names in (("SST-2", ["train.tsv", "dev.tsv"]), ("RTE", ["train.parquet", "validation.parquet"])):
+        (data / folder).mkdir(parents=True)
+        for name in names:
+            (data / folder / name).write_text("")
+    (data / "MNLI").mkdir()
+    for name in ("train.tsv", "dev_matched.tsv", "dev_mismatched.tsv"):
+        (data / "MNLI" / name).write_text("")
+    assert bench.task_files("sst2", str(data)) == (str(data / "SST-2" / "train.tsv"), str(data / "SST-2" / "dev.tsv"))
+    assert bench.task_files("rte", str(data))[1] == str(data / "RTE" / "validation.parquet")
+    assert bench.task_files("mnli", str(data))[1] == str(data / "MNLI" / "dev_matched.tsv")
+    with pytest.raises(FileNotFoundError, match=r"QNLI.*train.tsv \+ dev.tsv or train.parquet.*TUCKER_GLUE_DATA"):
+        bench.task_files("qnli", str(data))
+    assert bench.learning_rate("lora", "cola") == bench.LEARNING_RATES["lora"]["sst2"]
+    assert bench.learning_rate("lora", "stsb") == bench.LEARNING_RATES["lora"]["stsb"]
+
+    rng = np.random.default_rng(0)
+    (data / "CoLA").mkdir()
+    for name, n in (("train.tsv", 32), ("dev.tsv", 16)):
+        rows = []
+        for _ in range(n):
+            good = rng.random() < 0.5
+            words = f"the movie was {rng.choice(WORDS[:4])}" if good else f"movie the {rng.choice(WORDS[4:8])} was"
+            rows.append(f"src1\t{int(good)}\t{'' if good else '*'}\t{words}")
+        (data / "CoLA" / name).write_text("\n".join(rows) + "\n")
+    monkeypatch.setattr(bench, "DATA", str(data))
+    result = bench.run_one("cola", "tucker", 0, None, 1, 16, str(tiny_model_dir), str(tmp_path / "out"))
+    assert result["metric"] == "matthews_correlation" and -1.0 <= result["value"] <= 1.0
+    assert result["steps"] == 1  # 32 rows, batch 32, one epoch
+    config = json.loads((tmp_path / "out" / "cola-tucker-0" / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["tau"] == 0.1  # run.py's tucker settings
+
+
 def test_offline_metrics_known_values():
     predictions = np.array([1, 0, 1, 1, 0, 1, 0, 0])
     labels = np.array([1, 0, 0, 1, 0, 1, 1, 0])

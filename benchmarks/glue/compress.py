@@ -33,7 +33,7 @@ def evaluate(adapter_dir: str, task: str, model_path: str, seq: int) -> float:
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    train, dev = (os.path.join(bench.DATA, f) for f in bench.FILES[task])
+    train, dev = bench.task_files(task)
     data_args = run_glue.DataTrainingArguments(task_name=task, train_file=train, validation_file=dev)
     raw = run_glue.load_data(data_args)["validation"]
     key1, key2 = run_glue.TASK_TO_KEYS[task]

@@ -152,7 +152,7 @@ def summarize(rows: list[dict], losses: list[dict], result: dict, spectra: dict[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", default="sst2", choices=sorted(bench.FILES))
+    parser.add_argument("--task", default="sst2", choices=sorted(bench.GLUE_DIRS))
     parser.add_argument("--method", default="tucker", help="a run.py method (its tuned learning rate)")
     parser.add_argument("--method_args", default=None, help="replaces the method's arguments (with --learning_rate)")
     parser.add_argument("--seed", type=int, default=0)
@@ -178,7 +178,7 @@ def main() -> None:
         [dynamics],
     )
     method_args = args.method_args or (
-        f"{bench.METHODS[args.method]} --learning_rate {bench.LEARNING_RATES[args.method][args.task]}"
+        f"{bench.METHODS[args.method]} --learning_rate {bench.learning_rate(args.method, args.task)}"
     )
     out = {
         "date": date.today().isoformat(),

@@ -28,7 +28,7 @@ import run as bench  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("adapter_dir", help="output folder of a tucker run of run.py / tune.py")
-    parser.add_argument("--task", required=True, choices=list(bench.FILES))
+    parser.add_argument("--task", required=True, choices=list(bench.GLUE_DIRS))
     parser.add_argument("--taus", default="0.1,0.2,0.4,0.6,0.7")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()

@@ -8,6 +8,11 @@ schedule per task.  Large train sets are subsampled and epochs capped so that a 
     .venv/bin/python benchmarks/glue/run.py --profile full    # 3 seeds, ~80 minutes on 2 cores
     .venv/bin/python benchmarks/glue/run.py --profile long --tasks sst2   # full's settings, 2x the steps
 
+The other GLUE tasks (CoLA, QNLI, QQP, MNLI, WNLI) run the same way from GLUE's own download or the Hub's parquet
+files, in GLUE's folders (``CoLA/train.tsv``, ``CoLA/dev.tsv``, ...) under ``TUCKER_GLUE_DATA``:
+
+    TUCKER_GLUE_DATA=~/glue_data .venv/bin/python benchmarks/glue/run.py --profile full --tasks cola
+
 Writes ``benchmarks/results/glue_<profile>.json`` (every run and the summary) and prints a markdown table of the
 task metric (mean +- std over seeds), the final trainable parameters and the seconds per training step.
 """
@@ -30,21 +35,54 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, "examples", "glue"))
 
 DATA = os.environ.get("TUCKER_GLUE_DATA", os.path.join(ROOT, "..", "shared", "data", "glue"))
-FILES = {
-    "sst2": ("SST-2/train.tsv", "SST-2/dev.tsv"),
-    "mrpc": ("MRPC/train.tsv", "MRPC/dev.tsv"),
-    "rte": ("RTE/train.parquet", "RTE/validation.parquet"),
-    "stsb": ("STS-B/train.tsv", "STS-B/dev.tsv"),
+#: GLUE's folder per task (the layout of GLUE's own download and of shared/data/glue)
+GLUE_DIRS = {
+    "cola": "CoLA",
+    "sst2": "SST-2",
+    "mrpc": "MRPC",
+    "stsb": "STS-B",
+    "qqp": "QQP",
+    "mnli": "MNLI",
+    "qnli": "QNLI",
+    "rte": "RTE",
+    "wnli": "WNLI",
 }
+#: the tasks whose data shared/data/glue holds: what a profile runs without --tasks
+SHARED_TASKS = ["sst2", "mrpc", "rte", "stsb"]
+
+
+def task_files(task: str, data: str | None = None) -> tuple[str, str]:
+    """Train and dev files of ``task`` under ``data`` (default ``DATA``): GLUE's TSVs (``train.tsv``, ``dev.tsv``; MNLI
+    ``dev_matched.tsv``) or the Hub dataset's parquet files (``train.parquet``, ``validation.parquet``)."""
+    folder = os.path.join(data or DATA, GLUE_DIRS[task])
+    dev = "_matched" if task == "mnli" else ""
+    candidates = [("train.tsv", f"dev{dev}.tsv"), ("train.parquet", f"validation{dev}.parquet")]
+    for names in candidates:
+        paths = tuple(os.path.join(folder, name) for name in names)
+        if all(os.path.isfile(path) for path in paths):
+            return paths
+    raise FileNotFoundError(
+        f"no {task} data in {folder}: the benchmark reads "
+        + " or ".join(" + ".join(names) for names in candidates)
+        + " there; put GLUE's files (or the Hub's nyu-mll/glue parquet files) under "
+        f"<folder>/{GLUE_DIRS[task]}/ and set TUCKER_GLUE_DATA=<folder> (default: the shared GLUE data)."
+    )
+
+
 #: per task: (max_train_samples or None for all, epochs, max_seq_length)
 PROFILES = {
     "quick": {
         "seeds": [0],
-        "tasks": {"sst2": (1000, 1, 64), "mrpc": (1000, 1, 96), "rte": (800, 1, 128), "stsb": (1000, 1, 64)},
+        "tasks": {"sst2": (1000, 1, 64), "mrpc": (1000, 1, 96), "rte": (800, 1, 128), "stsb": (1000, 1, 64)}
+        | {"cola": (1000, 1, 64), "qnli": (1000, 1, 128), "qqp": (1000, 1, 128), "mnli": (1000, 1, 128)}
+        | {"wnli": (None, 1, 128)},
     },
     "full": {
         "seeds": [0, 1, 2],
-        "tasks": {"sst2": (4000, 2, 64), "mrpc": (2000, 2, 96), "rte": (1600, 2, 128), "stsb": (3000, 2, 64)},
+        "tasks": {"sst2": (4000, 2, 64), "mrpc": (2000, 2, 96), "rte": (1600, 2, 128), "stsb": (3000, 2, 64)}
+        # the GLUE tasks that shared/ lacks (--tasks, with their files under TUCKER_GLUE_DATA): SST-2's size
+        | {"cola": (4000, 2, 64), "qnli": (4000, 2, 128), "qqp": (4000, 2, 128), "mnli": (4000, 2, 128)}
+        | {"wnli": (None, 2, 128)},
     },
     # more steps than the full profile (SST-2: twice the rows, 2x the steps; MRPC: every training row for 3 epochs,
     # 2.7x), the learning rates tuned for the full profile: does a gap come from the short training?
@@ -91,6 +129,12 @@ LEARNING_RATES = {
 }
 
 
+def learning_rate(method: str, task: str) -> float:
+    """``method``'s learning rate on ``task``: its tuned value, or for a task without one (the GLUE tasks that
+    shared/ lacks) its SST-2 value, as MRPC and RTE take it."""
+    return LEARNING_RATES[method].get(task, LEARNING_RATES[method]["sst2"])
+
+
 def run_one(
     task: str,
     method: str,
@@ -108,13 +152,12 @@ def run_one(
     are added to its ``Trainer``."""
     import run_glue
 
-    train, dev = (os.path.join(DATA, f) for f in FILES[task])
-    for path in (train, dev):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} is missing: the benchmark needs the shared GLUE data (TUCKER_GLUE_DATA).")
+    train, dev = task_files(task)
     out = os.path.join(out_root, f"{task}-{method}{tag}-{seed}")
-    method_args = method_args or f"{METHODS[method]} --learning_rate {LEARNING_RATES[method][task]}"
+    method_args = method_args or f"{METHODS[method]} --learning_rate {learning_rate(method, task)}"
     if method == "tucker_budget" and "--budget" not in method_args:
+        if task not in BUDGETS:
+            raise ValueError(f"tucker_budget takes AdaLoRA's measured size as its budget; there is none for {task}.")
         method_args += f" --budget {BUDGETS[task]}"
     args = (
         f"--model_name_or_path {model_path} --task_name {task} --train_file {train} --validation_file {dev} "
@@ -156,7 +199,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=list(PROFILES), default="quick")
     parser.add_argument("--methods", default="tucker,lora,adalora", help="comma-separated; add 'full' if wanted")
-    parser.add_argument("--tasks", default=None, help="comma-separated subset of sst2,mrpc,rte,stsb")
+    parser.add_argument(
+        "--tasks",
+        default=None,
+        help="comma-separated GLUE tasks (default: sst2,mrpc,rte,stsb, the shared data; others: "
+        "cola,qnli,qqp,mnli,wnli with their files under TUCKER_GLUE_DATA)",
+    )
     parser.add_argument("--seeds", default=None, help="comma-separated subset of the profile's seeds")
     parser.add_argument("--out_dir", default=os.path.join(ROOT, "outputs", "glue-benchmark"))
     parser.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/glue_<profile>.json)")
@@ -169,7 +217,12 @@ def main() -> None:
     profile = dict(PROFILES[args.profile])
     if args.seeds:
         profile["seeds"] = [int(seed) for seed in args.seeds.split(",")]
-    tasks = args.tasks.split(",") if args.tasks else list(profile["tasks"])
+    tasks = args.tasks.split(",") if args.tasks else [t for t in SHARED_TASKS if t in profile["tasks"]]
+    unknown = [t for t in tasks if t not in profile["tasks"]]
+    if unknown:
+        parser.error(f"--tasks {','.join(unknown)}: the {args.profile} profile has {','.join(profile['tasks'])}")
+    for task in tasks:  # every task's files before the first run
+        task_files(task)
     methods = args.methods.split(",")
     runs, started = [], time.time()
     path = args.out or os.path.join(ROOT, "benchmarks", "results", f"glue_{args.profile}.json")

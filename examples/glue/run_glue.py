@@ -53,8 +53,24 @@ TASK_TO_KEYS = {
     "stsb": ("sentence1", "sentence2"),
     "wnli": ("sentence1", "sentence2"),
 }
-#: column names of the original GLUE files (MRPC, STS-B) mapped to the names of the Hub dataset
-RAW_COLUMN_ALIASES = {"#1 String": "sentence1", "#2 String": "sentence2", "Quality": "label", "score": "label"}
+#: column names of the original GLUE files (GLUE's own download: MRPC, STS-B, QQP, MNLI) mapped to the names of the
+#: Hub dataset; per task where the name means something else elsewhere
+RAW_COLUMN_ALIASES = {
+    "#1 String": "sentence1",
+    "#2 String": "sentence2",
+    "Quality": "label",
+    "score": "label",
+    "is_duplicate": "label",
+}
+TASK_COLUMN_ALIASES = {"mnli": {"sentence1": "premise", "sentence2": "hypothesis", "gold_label": "label"}}
+#: GLUE's CoLA files have no header row: source, label, the author's mark, sentence
+HEADERLESS_COLUMNS = {"cola": ["source", "label", "author_mark", "sentence"]}
+#: class names of the tasks whose original files write labels as words, in the Hub dataset's label order
+LABEL_NAMES = {
+    "mnli": ["entailment", "neutral", "contradiction"],
+    "qnli": ["entailment", "not_entailment"],
+    "rte": ["entailment", "not_entailment"],
+}
 MAIN_METRIC = {"cola": "matthews_correlation", "stsb": "pearson", "mrpc": "f1", "qqp": "f1"}
 
 
@@ -153,23 +169,61 @@ def metric_function(task: str | None):
 
 
 def load_data(data_args: DataTrainingArguments, cache_dir: str | None = None):
+    """The train and validation splits with the Hub dataset's column names and integer labels: the Hub's
+    ``nyu-mll/glue`` without files, else the files (csv/tsv/json/parquet; GLUE's own TSVs included: CoLA's files
+    without a header row, word labels of RTE/QNLI/MNLI, the original column names of MRPC, STS-B, QQP and MNLI)."""
     from datasets import load_dataset
 
+    task = data_args.task_name
     if data_args.train_file is None:
-        return load_dataset("nyu-mll/glue", data_args.task_name, cache_dir=cache_dir)
+        return load_dataset("nyu-mll/glue", task, cache_dir=cache_dir)
     files = {"train": data_args.train_file, "validation": data_args.validation_file}
     extension = data_args.train_file.rsplit(".", 1)[-1]
     if extension in ("csv", "tsv"):
         kwargs = {"delimiter": "\t" if extension == "tsv" else ",", "quoting": 3, "encoding": "utf-8-sig"}
+        if task in HEADERLESS_COLUMNS and not _has_header(data_args.train_file, kwargs["delimiter"], task):
+            kwargs["column_names"] = HEADERLESS_COLUMNS[task]
         raw = load_dataset("csv", data_files=files, cache_dir=cache_dir, **kwargs)
     else:
         raw = load_dataset(
             "json" if extension.startswith("json") else extension, data_files=files, cache_dir=cache_dir
         )
-    renames = {k: v for k, v in RAW_COLUMN_ALIASES.items() if k in raw["train"].column_names}
-    if data_args.label_key != "label" and data_args.label_key in raw["train"].column_names:
+    columns = raw["train"].column_names
+    aliases = RAW_COLUMN_ALIASES | TASK_COLUMN_ALIASES.get(task, {})
+    renames = {k: v for k, v in aliases.items() if k in columns and v not in columns}
+    if data_args.label_key != "label" and data_args.label_key in columns:
         renames[data_args.label_key] = "label"
-    return raw.rename_columns(renames) if renames else raw
+    raw = raw.rename_columns(renames) if renames else raw
+    if "label" not in raw["train"].column_names:
+        raise ValueError(f"{data_args.train_file} has no label column (columns: {columns}); name it with --label_key.")
+    if raw["train"].features["label"].dtype in ("string", "large_string"):
+        raw = _encode_labels(raw, LABEL_NAMES.get(task), data_args.train_file)
+    return raw
+
+
+def _has_header(path: str, delimiter: str, task: str) -> bool:
+    """Whether the first row of ``path`` names columns: it does unless its fields look like a row of ``task``'s
+    headerless layout (CoLA: ``source, 0|1, mark, sentence``)."""
+    with open(path, encoding="utf-8-sig") as f:
+        fields = f.readline().rstrip("\r\n").split(delimiter)
+    return not (len(fields) == len(HEADERLESS_COLUMNS[task]) and fields[1].strip() in ("0", "1"))
+
+
+def _encode_labels(raw, names: list[str] | None, train_file: str):
+    """Word labels to class ids: in the Hub dataset's order for a GLUE task (``names``), else sorted (a custom
+    task); a label outside ``names`` or one that only the validation file has is an error."""
+    seen = sorted({x for split in raw.values() for x in split["label"]})
+    known = names or sorted(set(raw["train"]["label"]))
+    unknown = [x for x in seen if x not in known]
+    if unknown:
+        raise ValueError(
+            f"labels {unknown} of the data ({train_file} and the validation file) are not among {known}"
+            + (" (this GLUE task's classes)." if names else " (the training file's labels).")
+        )
+    index = {name: i for i, name in enumerate(known)}
+    features = raw["train"].features.copy()
+    features["label"] = datasets.ClassLabel(names=known)
+    return raw.map(lambda row: {"label": index[row["label"]]}, features=features, desc="Label names to ids")
 
 
 class AdaLoraCallback(TrainerCallback):
@@ -279,11 +333,23 @@ def main(argv: list[str] | None = None, extra_callbacks: list[TrainerCallback] |
 
     raw = load_data(data_args)
     task = data_args.task_name
-    is_regression = task == "stsb" or raw["train"].features["label"].dtype in ("float32", "float64")
-    num_labels = 1 if is_regression else len(set(raw["train"]["label"]))
+    label = raw["train"].features["label"]
+    is_regression = task == "stsb" or label.dtype in ("float32", "float64")
+    if is_regression:
+        num_labels = 1
+    elif isinstance(label, datasets.ClassLabel):  # the Hub's datasets and word labels: every class, seen or not
+        num_labels = label.num_classes
+    else:
+        num_labels = len(set(raw["train"]["label"]))
     key1, key2 = TASK_TO_KEYS.get(task, (None, None))
     key1 = data_args.sentence1_key or key1 or "sentence"
     key2 = data_args.sentence2_key or key2
+    missing = [k for k in (key1, key2) if k is not None and k not in raw["train"].column_names]
+    if missing:
+        raise ValueError(
+            f"text column(s) {missing} not in the data (columns: {raw['train'].column_names}); name them with "
+            "--sentence1_key / --sentence2_key."
+        )
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
 
     def tokenize(batch):
@@ -293,7 +359,7 @@ def main(argv: list[str] | None = None, extra_callbacks: list[TrainerCallback] |
         return out
 
     train = raw["train"]
-    evaluation = raw["validation_matched" if task == "mnli" else "validation"]
+    evaluation = raw["validation_matched" if "validation_matched" in raw else "validation"]  # MNLI from the Hub
     if data_args.max_train_samples:
         train = train.select(range(min(data_args.max_train_samples, len(train))))
     if data_args.max_eval_samples:
