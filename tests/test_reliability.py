@@ -80,6 +80,46 @@ def test_load_best_model_at_end_with_other_ranks_than_the_last_save(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-30"]
 
 
+@pytest.mark.parametrize(
+    "settings", [{"tau": 0.1}, {"tau": 0.0, "max_rank": 6, "budget": 3000, "budget_schedule": [0.2, 0.8]}]
+)
+def test_evaluating_during_training_does_not_change_the_update(tmp_path, settings):
+    """Eval forwards (eval mode, no grad) between steps must leave the factors, moments and rank decisions alone:
+    without dropout the adapters end bit for bit as without evaluation."""
+
+    def train(evals: bool):
+        model = get_peft_model(reproducible_bert(), TuckerLoraConfig(task_type="SEQ_CLS", r=6, **settings))
+        args = trainer_args(
+            tmp_path / str(evals),
+            max_steps=24,
+            learning_rate=2e-3,
+            lr_scheduler_type="linear",
+            warmup_steps=3,
+            eval_strategy="steps" if evals else "no",
+            eval_steps=5,
+        )
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=token_task(192),
+            eval_dataset=token_task(32, seed=1),
+            callbacks=[TuckerLoraCallback()],
+        )
+        trainer.train()
+        evaluated = sum("eval_loss" in h for h in trainer.state.log_history)
+        return model, evaluated
+
+    plain, none = train(False)
+    evaluated, count = train(True)
+    assert none == 0 and count >= 4  # every 5 steps (and at the end)
+    ranks = tucker_peft.current_ranks(evaluated)
+    assert ranks == tucker_peft.current_ranks(plain) and set(ranks.values()) != {(6, 6)}  # the ranks did change
+    trained = dict(plain.named_parameters())
+    for name, param in evaluated.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param, trained[name], atol=0, rtol=0)
+
+
 def test_save_pretrained_leaves_the_users_config_alone(tmp_path):
     config = TuckerLoraConfig(task_type="SEQ_CLS", r=6)
     first = get_peft_model(tiny_bert(), config)
