@@ -106,8 +106,7 @@ def test_evaluating_during_training_does_not_change_the_update(tmp_path, setting
             callbacks=[TuckerLoraCallback()],
         )
         trainer.train()
-        evaluated = sum("eval_loss" in h for h in trainer.state.log_history)
-        return model, evaluated
+        return model, sum("eval_loss" in h for h in trainer.state.log_history)
 
     plain, none = train(False)
     evaluated, count = train(True)
