@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from peft import get_peft_model
 from torch import nn
 
-from tucker_peft import TuckerLoraConfig, TuckerOptimizer
+from tucker_peft import TuckerLoraConfig, TuckerOptimizer, geometry
 from tucker_peft.geometry import tangent_projection
 
 from .conftest import Net
@@ -157,3 +157,27 @@ def test_first_step_from_zero_core_moves_only_the_core():
     assert layer.ranks("default") == (4, 4)
     new = _einsum_tucker(layer.core("default").detach(), [u.detach() for u in layer.factors("default")])
     torch.testing.assert_close(new, _einsum_tucker(-0.1 * g_core, u_before), atol=1e-12, rtol=0)
+
+
+def test_small_basis_steps_are_kept_and_in_span_steps_are_round_off():
+    """``new_directions`` drops a direction as round-off relative to the step's own norm, not to ``||K'||``: a
+    basis step 1e-8 the size of ``K'`` (a nearly converged fit, or the end of a linear decay) still gets its exact
+    block, while a step inside ``span(U)`` gives none (its normal part is pure round-off)."""
+    g = torch.Generator().manual_seed(0)
+    u = torch.linalg.qr(torch.randn(1, 40, 3, generator=g))[0]
+    q = torch.linalg.qr(torch.randn(1, 5, 3, generator=g))[0]  # Q of the core's unfolding, (B, m, r)
+    rel_eps = 10 * torch.finfo(torch.float32).eps
+    normal = torch.randn(1, 40, 3, generator=g)
+    normal = normal - u @ (u.transpose(-1, -2) @ normal)
+    step = 1e-8 * normal / normal.norm()  # ||K'|| ~ 1 (R ~ diag(1, 0.8, 0.6)): 10 eps ||K'|| is 100x this step
+    ut, block = geometry.new_directions(u, step, step.flatten(1).norm(dim=1), q, rel_eps)
+    torch.testing.assert_close(ut.transpose(-1, -2) @ ut, torch.eye(6)[None], atol=1e-6, rtol=0)
+    reference = (step - u @ (u.transpose(-1, -2) @ step)).double() @ q.double().transpose(-1, -2)
+    error = (ut[..., 3:].double() @ block.double() - reference).norm() / reference.norm()
+    assert error < 1e-4, error
+    # negative control: judged against ||K'|| (~1.3 here) the same step counts as round-off and is dropped
+    k_norm = (u @ torch.diag(torch.tensor([1.0, 0.8, 0.6])) + step).flatten(1).norm(dim=1)
+    assert geometry.new_directions(u, step, k_norm, q, rel_eps)[1].abs().max() == 0
+    inside = 1e-2 * u @ torch.randn(1, 3, 3, generator=g)
+    _, block = geometry.new_directions(u, inside, inside.flatten(1).norm(dim=1), q, rel_eps)
+    assert block.abs().max() == 0

@@ -766,7 +766,7 @@ class TuckerOptimizer(Optimizer):
             polars = geometry.matrix_polars(core, rcond, padding.padded if padding is not None else None)
         else:
             polars = [list(t) for t in zip(*(geometry.unfolding_polar(core, i, rcond) for i in range(d)))]
-        q, r, r_pinv = ([groups.pick(t, g) for g in range(len(factors))] for t in polars)  # per group
+        q, r_pinv = ([groups.pick(t, g) for g in range(len(factors))] for t in (polars[0], polars[2]))  # per group
         k_grads = [geometry.k_gradient(grad, p) for grad, p in zip(g_factors, r_pinv)]
 
         moments = None
@@ -798,11 +798,11 @@ class TuckerOptimizer(Optimizer):
         if group["weight_decay"]:
             old_block = old_block - lam * group["weight_decay"] * core
         k_steps = [-lam_bases * direction for direction in dir_factors]
-        k_norms = [torch.linalg.norm((u @ rr + k).flatten(1), dim=1) for u, rr, k in zip(factors, r, k_steps)]
+        step_norms = [torch.linalg.norm(k.flatten(1), dim=1) for k in k_steps]
         # non-finite gradients (fp16 overflow) or a step whose result would not be finite (an absurd learning rate)
         # make these norms non-finite (inf and NaN propagate through every op above); such a step is discarded (for
         # every layer).  Finite norms (sums of squares) also keep the QRs and SVDs below from overflowing.
-        finite = torch.isfinite(torch.cat([torch.linalg.norm(old_block.flatten(1), dim=1), *k_norms]).sum())
+        finite = torch.isfinite(torch.cat([torch.linalg.norm(old_block.flatten(1), dim=1), *step_norms]).sum())
 
         def sanitize(t: torch.Tensor) -> torch.Tensor:
             # non-finite values become zeros so that nothing below fails; the step is then discarded
@@ -810,9 +810,9 @@ class TuckerOptimizer(Optimizer):
 
         old_block, *k_steps = (sanitize(t) for t in (old_block, *k_steps))
         new_blocks, augmented = [], []
-        for g, (u, qq, k_step, k_norm) in enumerate(zip(factors, q, k_steps, k_norms)):
+        for g, (u, qq, k_step, step_norm) in enumerate(zip(factors, q, k_steps, step_norms)):
             order = groups.paddings[g].order if padding is not None else None
-            u_aug, block = geometry.new_directions(u, k_step, k_norm, qq, rel_eps, order)
+            u_aug, block = geometry.new_directions(u, k_step, step_norm, qq, rel_eps, order)
             new_blocks.append(block)
             augmented.append(u_aug)
         new_blocks = groups.to_modes(new_blocks)
