@@ -11,6 +11,7 @@ the same schedule (warmup 10 + linear decay to 0, or constant).  Reported: the r
   ``sqrt(2)``.
 
     python benchmarks/convergence.py [--lrs 5e-4 1e-3 2e-3 5e-3] [--out benchmarks/results/convergence.json]
+        [--tucker_config '{"tau": 0, "max_rank": 8}']  (TuckerLoraConfig over r=8, alpha=8, tau=0.1)
 """
 
 from __future__ import annotations
@@ -68,14 +69,26 @@ def planted(problem: str, n: int = 4096, seed: int = 0):
     return base, dstar, x, y
 
 
-def run(problem: str, method: str, lr: float, schedule: str, steps: int, tucker_kwargs: dict, seed: int = 0) -> dict:
+def run(
+    problem: str,
+    method: str,
+    lr: float,
+    schedule: str,
+    steps: int,
+    tucker_kwargs: dict,
+    seed: int = 0,
+    tucker_config: dict | None = None,
+) -> dict:
     base, dstar, x, y = planted(problem, seed=seed)
     torch.manual_seed(seed)
     if method == "lora":
         model = get_peft_model(Net(base), LoraConfig(target_modules=["layer"], r=8, lora_alpha=8))
     else:
         model = get_peft_model(
-            Net(base), tucker_peft.TuckerLoraConfig(target_modules=["layer"], r=8, alpha=8, tau=0.1)
+            Net(base),
+            tucker_peft.TuckerLoraConfig(
+                target_modules=["layer"], **{"r": 8, "alpha": 8, "tau": 0.1, **(tucker_config or {})}
+            ),
         )
     layer = model.base_model.model.layer
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
@@ -122,6 +135,12 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["tucker", "lora"], choices=["tucker", "lora"])
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--tucker_args", type=json.loads, default={}, help="JSON kwargs for tucker_peft.attach")
+    parser.add_argument(
+        "--tucker_config",
+        type=json.loads,
+        default={},
+        help='JSON kwargs for TuckerLoraConfig over r=8, alpha=8, tau=0.1 (e.g. \'{"tau": 0, "max_rank": 8}\': fixed rank 8)',
+    )
     parser.add_argument("--out", default=None, help="result JSON (default: print only)")
     parser.add_argument("--plot", default=None, help="PNG of relative error against steps")
     args = parser.parse_args()
@@ -135,7 +154,9 @@ def main() -> None:
             for lr in args.lrs:
                 row = {"problem": problem, "schedule": schedule, "lr": lr}
                 for method in args.methods:
-                    row[method] = run(problem, method, lr, schedule, args.steps, args.tucker_args)
+                    row[method] = run(
+                        problem, method, lr, schedule, args.steps, args.tucker_args, tucker_config=args.tucker_config
+                    )
                 results.append(row)
                 errors = " | ".join(f"{row[m]['final_rel_error']:.2e}" for m in args.methods)
                 ranks = row["tucker"]["final_ranks"] if "tucker" in row else "-"
@@ -153,6 +174,7 @@ def main() -> None:
                     "setup": "4096 samples, batch 64, 600 steps; LoRA r=8 alpha=8 + AdamW (wd 0); tucker r=8 alpha=8 "
                     "tau=0.1 via attach; same lr and schedule (warmup 10 + linear decay, or constant)",
                     "tucker_args": args.tucker_args,
+                    "tucker_config": args.tucker_config,
                     "results": results,
                 },
                 f,
