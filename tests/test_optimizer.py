@@ -156,7 +156,7 @@ class StaleMomentsOptimizer(TuckerOptimizer):
     """The defect we must not have: moments padded and cut by index, left in the old coordinates."""
 
     @staticmethod
-    def _transport_moments(moments, projections, group_projections, old_ranks, fill=False):
+    def _transport_moments(moments, projections, group_projections, old_ranks):
         if moments is None:
             return None
         ks = [p.shape[-1] for p in projections]

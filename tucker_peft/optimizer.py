@@ -21,8 +21,7 @@ Step directions (``direction=``):
   The core's direction is multiplied by ``adaptive_scale`` (default ``"auto"``: :func:`auto_adaptive_scale`, so
   that a core step moves the delta as far as a step of LoRA of the configured rank moves its factors).  Moments
   live in the coordinates of ``K_i`` (rows: the ambient mode, columns: ``U_i``'s frame) and of ``C``; they are
-  carried along with the factors: on augmentation new blocks start at zero (with ``tau = 0``, ``v`` at the mean of
-  the layer's: see :meth:`TuckerOptimizer._transport_moments`); on truncation ``m <- m P_i`` (and
+  carried along with the factors: on augmentation new blocks start at zero; on truncation ``m <- m P_i`` (and
   ``m <- m x_i P_i^T`` for the core) with the same ``P_i`` that truncates ``U_i``; the second moment uses the mixing
   form ``v <- v (P_i * P_i)`` (elementwise square: a convex combination, since the columns of ``P_i`` have unit
   norm), which keeps ``v`` positive and of the right scale, unlike the square of ``sqrt(v) |P_i|``.
@@ -1025,10 +1024,7 @@ class TuckerOptimizer(Optimizer):
         group_projections = [groups.pick(per_mode, g) for g in range(len(plan.factors))]
         core, _ = geometry.truncate(ct, [], projections)
         factors = [u @ p for u, p in zip(plan.factors, group_projections)]
-        # with tau = 0 every direction the ranks hold stays, whatever its size (fixed ranks, a budget): new ones then
-        # start with the layer's mean second moment (_transport_moments)
-        fill = plan.members[0][0]["tau"] == 0
-        moments = self._transport_moments(plan.moments, projections, group_projections, plan.old_ranks, fill)
+        moments = self._transport_moments(plan.moments, projections, group_projections, plan.old_ranks)
         # per parameter (C, U_0, ...): every layer's tensor cut to its ranks; moments likewise (views)
         window = tuple(core.shape[1 + groups.modes :])
         cores = _cut_corners([core, *(moments[0] if moments is not None else ())], [(*r, *window) for r in ranks])
@@ -1073,7 +1069,6 @@ class TuckerOptimizer(Optimizer):
         projections: list[torch.Tensor],
         group_projections: list[torch.Tensor],
         old_ranks: list[int],
-        fill: bool = False,
     ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """Carry a batch of Adam moments (of ``C``, then of ``K`` per group of factors) to the coordinates of the
         truncated factors, before the per-layer cut.
@@ -1082,15 +1077,6 @@ class TuckerOptimizer(Optimizer):
         factors: ``m <- m P_i``, ``m_C <- m_C x_i P_i^T``, and for second moments the mixing form with ``P_i * P_i``
         (elementwise square).  ``projections`` ``(B, rt_i, k_i)`` per mode and ``group_projections`` the same per
         group of factors, moments ``(B, ...)`` at the old ranks (``old_ranks``: per group).
-
-        ``fill``: the new directions' second moments start at the mean of the layer's (:func:`_mean_of_history`)
-        instead of zero.  With ``v = 0``, Adam's bias correction of the current step makes a new coordinate's k-th
-        step ``(1 - b1^k) / sqrt(1 - b2^k)`` times an established one's (3-6x for hundreds of steps) whatever the size
-        of its gradient.  Under ``tau > 0`` a direction stays only while it clears the tolerance, and those larger
-        first steps help new signal in (the planted Conv2d at small learning rates); with ``tau = 0`` (fixed ranks, a
-        budget) every direction the ranks hold stays, and its spare directions took up noise at that rate (planted
-        rank 3 at fixed rank 8, constant lr 5e-3: spare singular values 0.03-0.16, relative error 0.18;
-        ``tests/test_dynamics.py``).
         """
         if moments is None:
             return None
@@ -1098,19 +1084,9 @@ class TuckerOptimizer(Optimizer):
         modes = [p[:, : moments[0][0].shape[1 + i]] for i, p in enumerate(projections)]
         groups = [p[:, :r] for p, r in zip(group_projections, old_ranks)]
         core_m, core_v = moments[0]
-        squares = [p * p for p in modes]
-        core_v_new = geometry.truncate(core_v, [], squares)[0]
-        if fill:  # the share of the new coordinates in each output one: 1 - that of the old (P_i's columns: unit norm)
-            new_share = 1 - geometry.truncate(torch.ones_like(core_v), [], squares)[0]
-            core_fill = _mean_of_history(core_v).reshape(-1, *([1] * (core_v.dim() - 1)))
-            core_v_new = core_v_new + core_fill * new_share.clamp(min=0)
-        out = [(geometry.truncate(core_m, [], modes)[0], core_v_new)]
+        out = [(geometry.truncate(core_m, [], modes)[0], geometry.truncate(core_v, [], [p * p for p in modes])[0])]
         for (m, v), p in zip(moments[1:], groups):
-            squares = p * p
-            v_new = v @ squares
-            if fill:
-                v_new = v_new + _mean_of_history(v)[:, None, None] * (1 - squares.sum(1, keepdim=True)).clamp(min=0)
-            out.append((m @ p, v_new))
+            out.append((m @ p, v @ (p * p)))
         return out
 
     # ------------------------------------------------------------------------------------------------------------
@@ -1140,13 +1116,6 @@ class TuckerOptimizer(Optimizer):
                 + "\n  ".join(problems[:5])
                 + "\nLoad the adapter weights saved at the same step (e.g. the same checkpoint) before the optimizer state."
             )
-
-
-def _mean_of_history(v: torch.Tensor) -> torch.Tensor:
-    """Per member of a batch ``(B, ...)``: the mean of the second moments that have a history (``> 0``; padding and
-    coordinates that never had a gradient hold exact zeros); 0 where none has."""
-    flat = v.flatten(1)
-    return flat.sum(1) / (flat > 0).sum(1).clamp(min=1)
 
 
 def _foreach_adam(
