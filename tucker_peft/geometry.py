@@ -38,9 +38,9 @@ def default_rcond(dtype: torch.dtype) -> float:
     return math.sqrt(torch.finfo(dtype).eps)
 
 
-def unfolding_polar(core: torch.Tensor, mode: int, rcond: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``Mat_mode(C)^T = Q R`` for a batch of cores ``(B, ...)``: ``Q`` ``(B, m, r)`` orthonormal columns, ``R``
-    ``(B, r, r)`` symmetric PSD, and ``R^+``.
+def unfolding_polar(core: torch.Tensor, mode: int, rcond: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Mat_mode(C)^T = Q R`` for a batch of cores ``(B, ...)``: ``Q`` ``(B, m, r)`` orthonormal columns and ``R^+``
+    ``(B, r, r)`` (``R`` symmetric PSD itself is not needed: the step only uses ``K``'s gradient ``g R^+``).
 
     From the thin SVD ``Mat^T = A S B^T``: ``Q = A B^T``, ``R = B S B^T``, ``R^+ = B S^+ B^T`` where singular values
     ``<= rcond * max(S)`` are treated as zero (so a zero core gives ``R^+ = 0``: the first step only moves the core).
@@ -50,23 +50,22 @@ def unfolding_polar(core: torch.Tensor, mode: int, rcond: float) -> tuple[torch.
     a, s, bh = torch.linalg.svd(mat_t, full_matrices=False)
     b = bh.transpose(-1, -2)
     q = a @ bh
-    r = b @ (s[..., :, None] * bh)
     keep = s > rcond * s[..., :1]
     s_inv = torch.where(keep, torch.where(keep, s, 1.0).reciprocal(), 0.0)
     r_pinv = b @ (s_inv[..., :, None] * bh)
-    return q, r, r_pinv
+    return q, r_pinv
 
 
 def matrix_polars(
     core: torch.Tensor, rcond: float, padded: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`unfolding_polar` of both modes of a batch of matrix cores ``(B, r, r)`` from one SVD: with
     ``C^T = A S B^T``, mode 0 gets ``Q = A B^T``, ``R = B S B^T`` and mode 1 (``Mat_1(C)^T = C = B S A^T``)
-    ``Q^T``, ``A S A^T``.  Returns ``Q``, ``R``, ``R^+`` ``(2B, r, r)``: mode 0 of every core, then mode 1.
+    ``Q^T``, ``A S A^T``.  Returns ``Q`` and ``R^+`` ``(2B, r, r)``: mode 0 of every core, then mode 1.
 
     ``padded`` ``(B, r)`` (bool): the cores are zero-padded from their own ranks to a common width, ``True`` at the
-    padding.  The polar factors are then those of each real core, embedded: ``Q = [Q_b, 0; 0, I]``, ``R = [R_b, 0;
-    0, 0]``, ``R^+ = [R_b^+, 0; 0, 0]``.  (They are computed from ``[C_b^T, 0; 0, s I]`` with ``s = ||C_b||_2``,
+    padding.  The polar factors are then those of each real core, embedded: ``Q = [Q_b, 0; 0, I]``,
+    ``R^+ = [R_b^+, 0; 0, 0]``.  (They are computed from ``[C_b^T, 0; 0, s I]`` with ``s = ||C_b||_2``,
     whose polar factor is that ``Q`` whenever ``C_b`` is nonsingular, keeps its null directions in the real block
     when it is not, and whose largest singular value, hence the cutoff, is ``C_b``'s; the padded blocks are then set
     exactly, so that nothing of round-off size reaches an Adam direction.)"""
@@ -80,14 +79,14 @@ def matrix_polars(
     left = torch.cat([a, bh.transpose(-1, -2)])  # mode 0: A, B^T ... ; mode 1: B, A^T
     right_h = torch.cat([bh, a.transpose(-1, -2)])
     right = right_h.transpose(-1, -2)
-    s, s_inv = torch.cat([s, s])[..., :, None], torch.cat([s_inv, s_inv])[..., :, None]  # both modes
-    out = (left @ right_h, right @ (s * right_h), right @ (s_inv * right_h))
+    s_inv = torch.cat([s_inv, s_inv])[..., :, None]  # both modes
+    out = (left @ right_h, right @ (s_inv * right_h))
     if padded is not None:
         real = ~padded
         both = (real[:, :, None] & real[:, None, :]).repeat(2, 1, 1)
         identity = torch.diag_embed(padded.to(core.dtype)).repeat(2, 1, 1)
-        q, r, p = out
-        out = (torch.where(both, q, identity), torch.where(both, r, 0.0), torch.where(both, p, 0.0))
+        q, p = out
+        out = (torch.where(both, q, identity), torch.where(both, p, 0.0))
     return out
 
 

@@ -766,7 +766,7 @@ class TuckerOptimizer(Optimizer):
             polars = geometry.matrix_polars(core, rcond, padding.padded if padding is not None else None)
         else:
             polars = [list(t) for t in zip(*(geometry.unfolding_polar(core, i, rcond) for i in range(d)))]
-        q, r_pinv = ([groups.pick(t, g) for g in range(len(factors))] for t in (polars[0], polars[2]))  # per group
+        q, r_pinv = ([groups.pick(t, g) for g in range(len(factors))] for t in polars)  # per group
         k_grads = [geometry.k_gradient(grad, p) for grad, p in zip(g_factors, r_pinv)]
 
         moments = None
