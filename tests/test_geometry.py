@@ -159,6 +159,15 @@ def test_first_step_from_zero_core_moves_only_the_core():
     torch.testing.assert_close(new, _einsum_tucker(-0.1 * g_core, u_before), atol=1e-12, rtol=0)
 
 
+def test_the_step_computes_in_float64_where_the_device_has_it():
+    """``work_dtype``: float64 on CPU and CUDA whatever the factors' floating dtype; elsewhere (MPS has no float64)
+    the factors' own dtype."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        assert geometry.work_dtype(dtype, torch.device("cpu")) == torch.float64
+        assert geometry.work_dtype(dtype, torch.device("cuda", 0)) == torch.float64
+        assert geometry.work_dtype(dtype, torch.device("mps")) == dtype
+
+
 def test_small_basis_steps_are_kept_and_in_span_steps_are_round_off():
     """``new_directions`` drops a direction as round-off relative to the step's own norm, not to ``||K'||``: a
     basis step 1e-8 the size of ``K'`` (a nearly converged fit, or the end of a linear decay) still gets its exact

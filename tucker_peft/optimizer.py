@@ -144,7 +144,7 @@ class _Padding:
     :class:`_Groups`, so there are at most as many runs as distinct ranks)."""
 
     def __init__(self, ranks: list[int], like: torch.Tensor, width: int) -> None:
-        self.ranks, self.width, self.device = ranks, width, like.device
+        self.ranks, self.width, self.device, self.dtype = ranks, width, like.device, like.dtype
         self._entries: dict[int, torch.Tensor] = {}
         # the permutation (as a matrix: products with it are exact) that puts each layer's real columns of
         # [U, K-step] first, its transpose, and the padded slots
@@ -179,7 +179,7 @@ class _Padding:
         """``(B, n, width)`` per list of factor-shaped tensors ``(n, r_b)``."""
         n, count, size = lists[0][0].shape[0], len(lists), len(self.ranks)
         flat = _flatten_dense_tensors([t for tensors in lists for t in tensors])
-        out = flat.new_zeros(count, size, n, self.width)
+        out = flat.new_zeros(count, size, n, self.width, dtype=self.dtype)  # (the copies below cast)
         length = n * sum(self.ranks)  # of one list in ``flat``
         for first, end, r, before in self.runs:
             source = flat.as_strided((count, end - first, n, r), (length, n * r, r, 1), n * before)
@@ -189,7 +189,7 @@ class _Padding:
     def cores(self, lists: list[list[torch.Tensor]]) -> list[torch.Tensor]:
         """``(B, width, width)`` per list of core-shaped tensors ``(r_b, r_b)``."""
         flat = _flatten_dense_tensors([t for tensors in lists for t in tensors] + [lists[0][0].new_zeros(1)])
-        stacked = flat.index_select(0, self.entries(len(lists)))
+        stacked = flat.to(self.dtype).index_select(0, self.entries(len(lists)))
         return list(stacked.view(len(lists), len(self.ranks), self.width, self.width).unbind(0))
 
 
@@ -706,18 +706,22 @@ class TuckerOptimizer(Optimizer):
         first = group["params"][0]
         sizes = tuple(tuple(u.shape[0] for u in g["params"][1:]) for g, _ in members)
         key = (sizes, tuple(map(tuple, member_ranks)), first.dim(), first.device, first.dtype)
+        # the step computes in float64 where the device has it (geometry.work_dtype); the results are cast back on
+        # their write to the parameters and moments
+        work = geometry.work_dtype(first.dtype, first.device)
         groups = self._groups.get(key)
         if groups is None:
             if len(self._groups) > 64:
                 self._groups.clear()
-            groups = self._groups[key] = _Groups(list(sizes), [tuple(r) for r in member_ranks], first)
+            like = first.new_empty((0,) * first.dim(), dtype=work)
+            groups = self._groups[key] = _Groups(list(sizes), [tuple(r) for r in member_ranks], like)
         padding = groups.padding
 
         def stack(lists: list[list[torch.Tensor]], pad: _Padding | None, factors: bool) -> list[torch.Tensor]:
             # per list: one tensor of every layer (cores) or slot (factors), stacked (padded with ``pad``)
             if pad is not None:
                 return pad.factors(lists) if factors else pad.cores(lists)
-            flat = torch.stack([t for tensors in lists for t in tensors])
+            flat = torch.stack([t for tensors in lists for t in tensors]).to(work)
             return list(flat.unflatten(0, (len(lists), len(lists[0]))).unbind(0))
 
         states = [self.state[g["params"][0]] for g, _ in members]  # the core's state holds step and decided ranks
@@ -748,8 +752,9 @@ class TuckerOptimizer(Optimizer):
         core, *factors = (t.param for t in stacked)  # factors: per group (B_g, n_g, width)
         d = groups.modes
         lam = group["lr"]
-        rcond = geometry.default_rcond(core.dtype)
-        rel_eps = 10 * torch.finfo(core.dtype).eps
+        # cutoffs of the stored precision: what lies below them is round-off of the stored factors
+        rcond = geometry.default_rcond(first.dtype)
+        rel_eps = 10 * torch.finfo(first.dtype).eps
         g_core, *g_factors = (t.grad for t in stacked)
         old = [u.shape[2] for u in factors]
         step = states[0].get("step", 0) + 1
@@ -799,10 +804,12 @@ class TuckerOptimizer(Optimizer):
             old_block = old_block - lam * group["weight_decay"] * core
         k_steps = [-lam_bases * direction for direction in dir_factors]
         step_norms = [torch.linalg.norm(k.flatten(1), dim=1) for k in k_steps]
-        # non-finite gradients (fp16 overflow) or a step whose result would not be finite (an absurd learning rate)
-        # make these norms non-finite (inf and NaN propagate through every op above); such a step is discarded (for
-        # every layer).  Finite norms (sums of squares) also keep the QRs and SVDs below from overflowing.
-        finite = torch.isfinite(torch.cat([torch.linalg.norm(old_block.flatten(1), dim=1), *step_norms]).sum())
+        # non-finite gradients (fp16 overflow) make these norms non-finite (inf and NaN propagate through every op
+        # above), and a step whose result would not fit the stored dtype (an absurd learning rate) makes them larger
+        # than its largest number (the new core's norm is at most their sum); such a step is discarded (for every
+        # layer).  Bounded norms (sums of squares) also keep the QRs and SVDs below from overflowing.
+        norms = torch.cat([torch.linalg.norm(old_block.flatten(1), dim=1), *step_norms])
+        finite = norms.sum() <= torch.finfo(first.dtype).max  # (False for NaN)
 
         def sanitize(t: torch.Tensor) -> torch.Tensor:
             # non-finite values become zeros so that nothing below fails; the step is then discarded
@@ -1060,7 +1067,8 @@ class TuckerOptimizer(Optimizer):
                         copies.extend(((old["exp_avg"], m), (old["exp_avg_sq"], v)))
                         state["exp_avg"], state["exp_avg_sq"] = old["exp_avg"], old["exp_avg_sq"]
                     else:
-                        state["exp_avg"], state["exp_avg_sq"] = m.clone(), v.clone()
+                        state["exp_avg"] = m.to(param.dtype, copy=True)
+                        state["exp_avg_sq"] = v.to(param.dtype, copy=True)
                 self.state[param] = state
 
     @staticmethod
