@@ -69,6 +69,12 @@ other layers per shape and ranks.  Layers are stacked, cut back to their ranks a
 ``torch._foreach_copy_`` for all layers that keep their ranks) with a few ops per distinct rank (at most
 ``max_rank`` of them), so a step's op count does not grow with the number of layers or their shapes; only a layer
 whose ranks change adds ops of its own (new tensors).
+
+Precision: on CPU and CUDA a step computes in float64 (:func:`tucker_peft.geometry.work_dtype`) and writes the new
+factors and moments back in their stored dtype, so its only rounding to fp32 is that write-back, as for an ordinary
+optimizer step.  The cutoffs that tell round-off from signal (``R_i^+``, the guard on new directions) use the
+stored precision.  In fp32 every step re-formed the factors (QR, products with singular vectors) and moved the delta
+by a few ``eps * ||dW||`` even at zero gradient; that walk set the attainable error on the planted problems.
 """
 
 from __future__ import annotations
