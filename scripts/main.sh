@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's main job: set up .venv, then fine-tune the pretrained all-MiniLM-L6-v2 with Tucker adapters on the
 # committed SST-2 sample (3,000 train rows, the full 872-row dev set) and print the score, trainable parameters and
-# final ranks. About 2 minutes on 2 CPU cores. Extra arguments go to run_glue.py (e.g. --method lora).
+# final ranks. About 3 minutes on 2 CPU cores. Extra arguments go to run_glue.py (e.g. --method lora).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test,examples
