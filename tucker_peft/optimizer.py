@@ -73,8 +73,7 @@ whose ranks change adds ops of its own (new tensors).
 Precision: on CPU and CUDA a step computes in float64 (:func:`tucker_peft.geometry.work_dtype`) and writes the new
 factors and moments back in their stored dtype, so its only rounding to fp32 is that write-back, as for an ordinary
 optimizer step.  The cutoffs that tell round-off from signal (``R_i^+``, the guard on new directions) use the
-stored precision.  In fp32 every step re-formed the factors (QR, products with singular vectors) and moved the delta
-by a few ``eps * ||dW||`` even at zero gradient; that walk set the attainable error on the planted problems.
+stored precision (why float64: :func:`~tucker_peft.geometry.work_dtype`).
 """
 
 from __future__ import annotations
