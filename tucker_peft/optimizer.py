@@ -810,11 +810,12 @@ class TuckerOptimizer(Optimizer):
         k_steps = [-lam_bases * direction for direction in dir_factors]
         step_norms = [torch.linalg.norm(k.flatten(1), dim=1) for k in k_steps]
         # non-finite gradients (fp16 overflow) make these norms non-finite (inf and NaN propagate through every op
-        # above), and a step whose result would not fit the stored dtype (an absurd learning rate) makes them larger
-        # than its largest number (the new core's norm is at most their sum); such a step is discarded (for every
-        # layer).  Bounded norms (sums of squares) also keep the QRs and SVDs below from overflowing.
+        # above), and a step whose result might not fit the stored dtype (an absurd learning rate) makes one of them
+        # larger than its largest number over d + 1 (a layer's new core has at most the norm of its old block plus
+        # its d K-steps); such a step is discarded (for every layer).  Bounded norms (sums of squares) also keep
+        # the QRs and SVDs below from overflowing.
         norms = torch.cat([torch.linalg.norm(old_block.flatten(1), dim=1), *step_norms])
-        finite = norms.sum() <= torch.finfo(first.dtype).max  # (False for NaN)
+        finite = norms.max() <= torch.finfo(first.dtype).max / (d + 1)  # (False for NaN)
 
         def sanitize(t: torch.Tensor) -> torch.Tensor:
             # non-finite values become zeros so that nothing below fails; the step is then discarded
@@ -921,7 +922,9 @@ class TuckerOptimizer(Optimizer):
                         (st, "core_steps", st.get("core_steps", 0) + 1),
                     )
                 )
-        finite = torch.isfinite(torch.stack(torch._foreach_norm(checked)).sum())
+        # (norms in at least float32: those of fp16 tensors would overflow before their entries do)
+        wide = functools.reduce(torch.promote_types, {t.dtype for t in checked}, torch.float32)
+        finite = torch.isfinite(torch.stack(torch._foreach_norm(checked, 2, dtype=wide))).all()
         return _CoreSteps(finite=finite, copies=copies, assign=assign)
 
     def _rank_decisions(self, plan: _Batch, norms: list[float], sigmas: list[list[list[float]]]) -> list[_Decision]:
