@@ -119,15 +119,17 @@ def attach(optimizer: Any, model: nn.Module, **kwargs: Any) -> TuckerOptimizer:
     ids = {id(p) for p in factors}
     holding = [g for g in inner.param_groups if any(id(p) in ids for p in g["params"])]
     added_group = not holding
+    # the factors follow the group that holds them, or the one added below (the optimizer's defaults, no weight decay)
+    source = holding[0] if holding else {"lr": inner.defaults["lr"], "weight_decay": 0.0}
+    follow_weight_decay = "weight_decay" not in kwargs
+    kwargs.setdefault("lr", source["lr"])
+    kwargs.setdefault("weight_decay", source.get("weight_decay", 0.0))
+    tucker = TuckerOptimizer(unwrapped, **kwargs)  # checks its arguments before the optimizer is changed
     if added_group:  # built from non_tucker_parameters(model): add the factors so that unscale_/schedulers see them
         inner.add_param_group({"params": [p for p in factors if p.requires_grad], "weight_decay": 0.0})
         holding = [inner.param_groups[-1]]
     for p in factors:  # drop any moments the optimizer may already have for them
         inner.state.pop(p, None)
-    follow_weight_decay = "weight_decay" not in kwargs
-    kwargs.setdefault("lr", holding[0]["lr"])
-    kwargs.setdefault("weight_decay", holding[0].get("weight_decay", 0.0))
-    tucker = TuckerOptimizer(unwrapped, **kwargs)
     tucker.distributed = _is_distributed()
     Attachment(inner, tucker, ids, holding, follow_weight_decay, added_group)
     return tucker

@@ -57,7 +57,8 @@ Decoupled weight decay (``weight_decay``) shrinks the core only, never the ortho
 
 Robustness: non-finite gradients or updated factors anywhere skip the whole step (factors and moments untouched, one
 warning); a learning rate that is not a finite number >= 0 is an error; a layer without gradients this step is left
-as it is; ranks stay within ``[min_rank, max_rank]``.  Another optimizer that holds factors this update trains is
+as it is; ranks stay within ``[min_rank, max_rank]``; Adam on factors stored in float16 (``model.half()`` after
+``get_peft_model``) is an error, since its second moments underflow there.  Another optimizer that holds factors this update trains is
 refused before its step (a global optimizer step pre-hook), unless :func:`tucker_peft.attach` hooked it; a step while
 another, untrained Tucker adapter is active (``set_adapter``) is refused.  The update does one host synchronisation
 per step (the rank decision), independent of the number of layers.
@@ -471,6 +472,15 @@ class TuckerOptimizer(Optimizer):
                     f"steps> to tucker_peft.attach(...) or TuckerOptimizer(...) (TuckerLoraCallback takes it from the "
                     f"Trainer); got total_steps={total_steps!r}."
                 )
+        half = [name for name, layer in layers if layer.core(adapter_name).dtype == torch.float16]
+        if half and direction == "adam":
+            raise ValueError(
+                f"The Tucker factors of {len(half)} layers (e.g. {half[0]!r}) are stored in float16: Adam's second "
+                "moments underflow there and the adapter does not train. Keep the adapter in float32 (get_peft_model "
+                "creates it so, also on fp16 models; train in mixed precision with torch.autocast or the Trainer's "
+                "fp16=True rather than model.half()), or cast it back: for p in tucker_peft.tucker_parameters(model): "
+                "p.data = p.data.float(). (direction='sgd' steps float16 factors.)"
+            )
         for name, layer in layers:
             if _owner(layer.core(adapter_name)) is not None:
                 raise RuntimeError(
