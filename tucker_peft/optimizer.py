@@ -58,10 +58,10 @@ Decoupled weight decay (``weight_decay``) shrinks the core only, never the ortho
 Robustness: non-finite gradients or updated factors anywhere skip the whole step (factors and moments untouched, one
 warning); a learning rate that is not a finite number >= 0 is an error; a layer without gradients this step is left
 as it is; ranks stay within ``[min_rank, max_rank]``; Adam on factors stored in float16 (``model.half()`` after
-``get_peft_model``) is an error, since its second moments underflow there.  Another optimizer that holds factors this update trains is
-refused before its step (a global optimizer step pre-hook), unless :func:`tucker_peft.attach` hooked it; a step while
-another, untrained Tucker adapter is active (``set_adapter``) is refused.  The update does one host synchronisation
-per step (the rank decision), independent of the number of layers.
+``get_peft_model``) is an error, since its second moments underflow there.  Another optimizer that holds factors
+this update trains is refused before its step (a global optimizer step pre-hook), unless :func:`tucker_peft.attach`
+hooked it; a step while another, untrained Tucker adapter is active (``set_adapter``) is refused.  The update does
+one host synchronisation per step (the rank decision), independent of the number of layers.
 
 Cost: layers of equal settings are updated as one batch: matrix layers (linear layers) of any shapes and ranks,
 their cores stacked once and their factors per group of equal size across layers and modes (:class:`_Groups`), zero-
