@@ -316,3 +316,64 @@ def test_step_dynamics_callback_measures_the_trained_deltas(tmp_path, tiny_model
     summary = summarize(dynamics.rows, dynamics.losses, result, dynamics.spectra)
     assert summary["final_delta_norm"] == dynamics.rows[-1]["delta_norm"]
     assert summary["final_spectrum"][0] == pytest.approx(1.0) and 1.0 <= summary["final_effective_rank"] <= 8.0
+
+
+def _result_file(path, task, method, values):
+    runs = [
+        {
+            "task": task,
+            "method": method,
+            "metric": "accuracy",
+            "seed": seed,
+            "value": value,
+            "eval_metrics": {"eval_loss": 1.0 - value},
+            "trainable_params_end": 100 if method == "tucker_sched" else 250,
+        }
+        for seed, value in values.items()
+    ]
+    path.write_text(json.dumps({"runs": runs}))
+
+
+def test_paired_comparison_pairs_by_seed_and_refuses_a_doubled_seed(tmp_path, monkeypatch):
+    """benchmarks/glue/paired.py, on result files with known numbers: only the seeds both methods have are paired,
+    the paired statistics are the textbook ones, and a seed found in two files is an error, not a silent double."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks", "glue"))
+    import paired
+
+    _result_file(tmp_path / "a.json", "sst2", "tucker_sched", {0: 0.80, 1: 0.84, 2: 0.83, 5: 0.99})
+    _result_file(tmp_path / "b.json", "sst2", "lora", {0: 0.81, 1: 0.82, 2: 0.83})
+    _result_file(tmp_path / "c.json", "sst2", "lora", {3: 0.5})
+    monkeypatch.setattr(paired, "RESULTS", str(tmp_path))
+    sources = {"tucker_sched": {"sst2": [("a.json", "tucker_sched", None)]}}
+    monkeypatch.setattr(
+        paired, "SOURCES", sources | {"lora": {"sst2": [("b.json", "lora", None), ("c.json", "lora", None)]}}
+    )
+    row = paired.compare("sst2", "tucker_sched", "lora")
+    assert row["seeds"] == [0, 1, 2]  # seed 5 has no partner, seed 3 no tucker run
+    diffs = np.array([-0.01, 0.02, 0.0])
+    assert row["paired"]["diff_mean"] == pytest.approx(diffs.mean())
+    assert row["paired"]["diff_se"] == pytest.approx(diffs.std(ddof=1) / np.sqrt(3))
+    assert (row["paired"]["ahead"], row["paired"]["level"]) == (1, 1)
+    assert row["paired"]["dev_loss_diff_mean"] == pytest.approx(-diffs.mean())
+    assert row["paired"]["params_ratio"] == pytest.approx(0.4)
+    assert row["tucker"]["mean"] == pytest.approx(np.mean([0.80, 0.84, 0.83]))
+    monkeypatch.setattr(
+        paired, "SOURCES", sources | {"lora": {"sst2": [("b.json", "lora", None), ("b.json", "lora", None)]}}
+    )
+    with pytest.raises(ValueError, match="seed 0 is in b.json and in an earlier file"):
+        paired.compare("sst2", "tucker_sched", "lora")
+    monkeypatch.setattr(paired, "SOURCES", sources | {"lora": {"sst2": [("gone.json", "lora", None)]}})
+    with pytest.raises(FileNotFoundError, match="gone.json"):
+        paired.compare("sst2", "tucker_sched", "lora")
+
+
+def test_paired_comparisons_of_the_committed_results_cover_their_seeds():
+    """The README's twelve-seed figures come from paired.py's COMPARISONS over the committed result files: every
+    comparison finds its files and pairs every seed it has (SST-2 and MRPC seeds 0-11, STS-B 0-2)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks", "glue"))
+    import paired
+
+    for task, method, baseline in paired.COMPARISONS:
+        row = paired.compare(task, method, baseline)
+        assert row["seeds"] == list(range(3 if task == "stsb" else 12)), (task, baseline)
+        assert row["paired"]["params_ratio"] <= (0.5 if baseline == "lora" else 0.95), (task, baseline)
