@@ -271,3 +271,77 @@ def test_an_attached_optimizer_and_its_model_can_be_collected():
     del optimizer, model, batch
     gc.collect()
     assert all(ref() is None for ref in refs)  # e.g. a seed loop must not keep every run's model alive
+
+
+FORGOT = "without the geometric update"
+
+
+def _forgot_warnings(record) -> list:
+    return [w for w in record if FORGOT in str(w.message)]
+
+
+def test_a_trainer_without_the_callback_warns_once_and_one_with_it_does_not(tmp_path):
+    """The likeliest mistake of a LoRA user, the Trainer without TuckerLoraCallback, trains the factors as plain
+    parameters with fixed ranks: it is named (once, before the first step) with the one-line fix; with the callback,
+    or the factors frozen, nothing is said."""
+    import warnings
+
+    for callbacks, expect in (([], 1), ([TuckerLoraCallback()], 0)):
+        model = loop_model()[0]
+        start = tucker_peft.current_ranks(model)
+        trainer = Trainer(
+            model=model, args=_args(tmp_path, max_steps=6), train_dataset=token_task(), callbacks=callbacks
+        )
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            trainer.train()
+        found = _forgot_warnings(record)
+        assert len(found) == expect, [str(w.message) for w in found]
+        if expect:
+            assert "callbacks=[tucker_peft.TuckerLoraCallback()]" in str(found[0].message)
+            assert tucker_peft.current_ranks(model) == start  # what it warns about: the ranks did not move
+        else:
+            assert tucker_peft.current_ranks(model) != start
+    # a frozen adapter in a plain optimizer (only the head trains): nothing to warn about
+    model, batch = loop_model()
+    for name, p in model.named_parameters():
+        p.requires_grad_("classifier" in name)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        model(**batch).loss.backward()
+        opt.step()
+    assert not _forgot_warnings(record)
+
+
+def test_a_loop_without_attach_warns_once_per_optimizer():
+    """In a plain loop: an optimizer over model.parameters() warns at its first step, not again; an optimizer over
+    non_tucker_parameters beside a TuckerOptimizer does not; after attach the same kind of optimizer does not."""
+    import warnings
+
+    model, batch = loop_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    assert len(_forgot_warnings(record)) == 1
+
+    for attached in (False, True):
+        model, batch = loop_model()
+        if attached:  # the one extra line: the user's optimizer steps, the factors go to the geometric update
+            steppers = [torch.optim.AdamW(model.parameters(), lr=1e-3)]
+            tucker_peft.attach(steppers[0], model)
+        else:  # or the two optimizers side by side
+            steppers = [torch.optim.AdamW(tucker_peft.non_tucker_parameters(model), lr=1e-3)]
+            steppers.append(TuckerOptimizer(model, lr=1e-3))
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                model(**batch).loss.backward()
+                for o in steppers:
+                    o.step()
+                    o.zero_grad()
+        assert not _forgot_warnings(record), attached

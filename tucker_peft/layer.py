@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -59,6 +60,11 @@ def unsupported_message(problems: list[str]) -> str:
         + "\n  ".join(problems[:10])
         + "\nNarrow `target_modules` or add these modules to `exclude_modules`."
     )
+
+
+#: every Tucker layer that got an adapter in this process (weakly held): the optimizer step check
+#: (``optimizer._check_optimizer_step``) finds the factors that no geometric update owns through it
+LIVE_LAYERS: weakref.WeakSet = weakref.WeakSet()
 
 
 class TuckerLayer(BaseTunerLayer):
@@ -209,6 +215,10 @@ class TuckerLayer(BaseTunerLayer):
         for i, (n, rank) in enumerate(zip(sizes, ranks)):
             getattr(self, f"tucker_U{i}")[adapter_name] = nn.Parameter(orthonormal(n, rank).to(device))
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+        LIVE_LAYERS.add(self)
+        from .optimizer import ensure_step_check  # the optimizer module imports this one
+
+        ensure_step_check()
 
     def _base_device(self) -> torch.device:
         weight = self.get_base_layer().weight

@@ -60,8 +60,10 @@ warning); a learning rate that is not a finite number >= 0 is an error; a layer 
 as it is; ranks stay within ``[min_rank, max_rank]``; Adam on factors stored in float16 (``model.half()`` after
 ``get_peft_model``) is an error, since its second moments underflow there.  Another optimizer that holds factors
 this update trains is refused before its step (a global optimizer step pre-hook), unless :func:`tucker_peft.attach`
-hooked it; a step while another, untrained Tucker adapter is active (``set_adapter``) is refused.  The update does
-one host synchronisation per step (the rank decision), independent of the number of layers.
+hooked it; an optimizer that steps trainable factors no update owns (the Trainer without the callback, a loop
+without ``attach``) is warned once.  A step while another, untrained Tucker adapter is active (``set_adapter``) is
+refused.  The update does one host synchronisation per step (the rank decision), independent of the number of
+layers.
 
 Cost: layers of equal settings are updated as one batch: matrix layers (linear layers) of any shapes and ranks,
 their cores stacked once and their factors per group of equal size across layers and modes (:class:`_Groups`), zero-
@@ -97,7 +99,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import geometry
 from .config import check_budget_schedule
-from .layer import TuckerLayer
+from .layer import LIVE_LAYERS, TuckerLayer
 from .model import iter_tucker_layers
 from .tensor_ops import valid_tucker_ranks
 
@@ -107,8 +109,10 @@ _OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 #: optimizers that :func:`tucker_peft.attach` hooked (-> their ``Attachment``): they hold the factors but hand them
 #: to their TuckerOptimizer
 ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-#: per optimizer, the parameter layout last found free of Tucker factors (the check then costs one comparison a step)
+#: per optimizer, the parameter layout last checked (the check then costs one comparison a step)
 _CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: optimizers already warned that they step Tucker factors without the geometric update (warned once each)
+_WARNED: weakref.WeakSet = weakref.WeakSet()
 _GLOBAL_HOOK = None
 
 
@@ -304,18 +308,33 @@ def _owner(param: torch.Tensor) -> TuckerOptimizer | None:
     return ref() if ref is not None else None
 
 
-def _refuse_optimizers_holding_factors(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-    """Global step pre-hook: an optimizer that would also step factors a TuckerOptimizer updates is refused before
-    it changes anything (its steps would move the bases off the manifold, and its moments stop matching the factors'
-    shapes at the first rank change)."""
+def ensure_step_check() -> None:
+    """Register :func:`_check_optimizer_step` as a global optimizer step pre-hook, once per process (when the first
+    Tucker adapter or TuckerOptimizer is created)."""
+    global _GLOBAL_HOOK
+    if _GLOBAL_HOOK is None:
+        _GLOBAL_HOOK = register_optimizer_step_pre_hook(_check_optimizer_step)
+
+
+def _check_optimizer_step(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+    """Global step pre-hook, before an optimizer changes anything; it reads the optimizer's parameter list only
+    when its layout (or the set of Tucker adapters and updates) changed since the last check.
+
+    - An optimizer that would also step factors a TuckerOptimizer updates is refused (its steps would move the bases
+      off the manifold, and its moments stop matching the factors' shapes at the first rank change).
+    - An optimizer that steps trainable Tucker factors that no geometric update owns is warned once: training then
+      goes on as plain gradient descent on ``U C V^T``, the ranks never adapt and ``tau`` / ``budget`` do nothing,
+      which is what forgetting the Trainer callback or :func:`tucker_peft.attach` looks like.
+    """
     inner = optimizer
     while isinstance(getattr(inner, "optimizer", None), Optimizer):  # accelerate's AcceleratedOptimizer & co.
         inner = inner.optimizer
     if isinstance(optimizer, TuckerOptimizer) or inner in ATTACHED:
         return
-    layout = tuple(len(g["params"]) for g in optimizer.param_groups)
-    if _CHECKED.get(optimizer) == (layout, len(_OWNERS)):
+    key = (tuple(len(g["params"]) for g in optimizer.param_groups), len(_OWNERS), len(LIVE_LAYERS))
+    if _CHECKED.get(optimizer) == key:
         return
+    factors = None
     for group in optimizer.param_groups:
         for param in group["params"]:
             owner = _owner(param)
@@ -326,7 +345,26 @@ def _refuse_optimizers_holding_factors(optimizer: Optimizer, args: Any, kwargs: 
                     "tucker_peft.non_tucker_parameters(model), or call tucker_peft.attach(optimizer, model), which "
                     "takes the factors away from it."
                 )
-    _CHECKED[optimizer] = (layout, len(_OWNERS))
+            if param.requires_grad and inner not in _WARNED:
+                if factors is None:
+                    factors = {id(p) for layer in list(LIVE_LAYERS) for p in _factors_of(layer)}
+                if id(param) in factors:
+                    _WARNED.add(inner)
+                    warnings.warn(
+                        f"{type(inner).__name__} is about to step Tucker adapter factors itself, without the geometric "
+                        "update: the ranks will not adapt (tau and budget do nothing) and the factors are trained as "
+                        "plain parameters. With the Trainer add callbacks=[tucker_peft.TuckerLoraCallback()]; in your "
+                        "own loop call tucker_peft.attach(optimizer, model) once, before training. If plain training "
+                        "of the factors is what you want, ignore this warning (it is given once per optimizer).",
+                        UserWarning,
+                        stacklevel=3,
+                    )
+    _CHECKED[optimizer] = key
+
+
+def _factors_of(layer: TuckerLayer) -> list[nn.Parameter]:
+    """Every adapter's core and factors of one Tucker layer."""
+    return [p for name in layer.adapter_layer_names for p in getattr(layer, name).values()]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -337,11 +375,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def tucker_parameters(model: nn.Module) -> list[nn.Parameter]:
     """All Tucker factors and cores of ``model`` (every adapter)."""
-    out = []
-    for _, layer in iter_tucker_layers(_unwrap(model)):
-        for name in layer.adapter_layer_names:
-            out.extend(getattr(layer, name).values())
-    return out
+    return [p for _, layer in iter_tucker_layers(_unwrap(model)) for p in _factors_of(layer)]
 
 
 def non_tucker_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -522,9 +556,7 @@ class TuckerOptimizer(Optimizer):
         for group in self.param_groups:
             for param in group["params"]:
                 _OWNERS[param] = weakref.ref(self)
-        global _GLOBAL_HOOK
-        if _GLOBAL_HOOK is None:
-            _GLOBAL_HOOK = register_optimizer_step_pre_hook(_refuse_optimizers_holding_factors)
+        ensure_step_check()
         self.skipped_steps = 0
         self._groups: dict[tuple, _Groups] = {}  # by (sizes and ranks of a batch's layers, core dim, device, dtype)
         #: all-reduce the factor gradients and broadcast the rank decision (set by :func:`tucker_peft.attach` when
