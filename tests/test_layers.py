@@ -349,3 +349,71 @@ def test_print_trainable_parameters_matches_hand_count(capsys):
     model.print_trainable_parameters()
     assert f"trainable params: {trainable:,}" in capsys.readouterr().out
     assert set(current_ranks(model).values()) == {(4, 4)}
+
+
+def _two_adapters(model, config: dict, seed: int = 0):
+    """``model`` with adapter "default" (all its targets) and "small" (the first target only), both random."""
+    targets = config.pop("target_modules")
+    peft_model = get_peft_model(model, TuckerLoraConfig(target_modules=targets, **config))
+    peft_model.add_adapter("small", TuckerLoraConfig(target_modules=targets[:1], **config))
+    randomize_adapter(peft_model, "default", seed=seed)
+    randomize_adapter(peft_model, "small", seed=seed + 1)
+    return peft_model.eval()
+
+
+def _per_adapter(model, run) -> dict:
+    """``run()`` with each adapter alone and with none (``"__base__"``)."""
+    outputs = {}
+    for name in ("default", "small"):
+        model.set_adapter(name)
+        outputs[name] = run()
+    model.set_adapter("default")
+    with model.disable_adapter():
+        outputs["__base__"] = run()
+    return outputs
+
+
+@torch.no_grad()
+def test_mixed_adapter_batch_gives_each_row_its_own_adapter():
+    """``model(..., adapter_names=[...])`` as with LoRA: every row equals the output of its adapter alone ("__base__":
+    none), on a BERT classifier (its per-adapter classifier copies too, made to differ here), on a Conv2d model,
+    and in GPT-2's beam search; misuse is refused with the fix."""
+    from .conftest import tiny_bert, tiny_gpt2
+
+    model = _two_adapters(tiny_bert(), dict(task_type="SEQ_CLS", r=4, target_modules=["query", "value"]))
+    model.classifier.modules_to_save["small"].weight.add_(0.5)  # the head of "small" differs from default's
+    ids = torch.randint(5, 120, (5, 9), generator=torch.Generator().manual_seed(0))
+    alone = _per_adapter(model, lambda: model(input_ids=ids).logits)
+    names = ["small", "__base__", "default", "small", "default"]
+    mixed = model(input_ids=ids, adapter_names=names).logits
+    for row, name in enumerate(names):
+        torch.testing.assert_close(mixed[row], alone[name][row], rtol=1e-5, atol=1e-6)
+    assert (alone["small"] - alone["default"]).abs().min() > 1e-4  # the rows would tell a wrong routing
+
+    torch.manual_seed(0)
+    conv = _two_adapters(Net(nn.Conv2d(6, 8, 3, padding=1)), dict(r=3, target_modules=["layer", "layer"]))
+    x = torch.randn(3, 6, 7, 7)
+    alone = _per_adapter(conv, lambda: conv(x))
+    mixed = conv(x, adapter_names=["__base__", "small", "default"])
+    for row, name in enumerate(["__base__", "small", "default"]):
+        torch.testing.assert_close(mixed[row], alone[name][row], rtol=1e-5, atol=1e-6)
+
+    gpt = _two_adapters(tiny_gpt2(), dict(task_type="CAUSAL_LM", r=4, target_modules=["c_attn", "c_proj"]))
+    prompt = torch.randint(5, 120, (3, 4), generator=torch.Generator().manual_seed(1))
+    kw = dict(max_new_tokens=4, do_sample=False, num_beams=2, pad_token_id=0)
+    alone = _per_adapter(gpt, lambda: gpt.generate(input_ids=prompt, **kw))
+    mixed = gpt.generate(input_ids=prompt, adapter_names=["default", "small", "__base__"], **kw)
+    for row, name in enumerate(["default", "small", "__base__"]):
+        assert mixed[row].tolist() == alone[name][row].tolist(), name
+
+    with pytest.raises(ValueError, match="non-existing adapter.*nope"):
+        model(input_ids=ids, adapter_names=["nope"] * 5)
+    with pytest.raises(ValueError, match="one name per input row: got 2 names for 5 rows"):
+        model(input_ids=ids, adapter_names=["default", "small"])
+    model.train()
+    with pytest.raises(ValueError, match="training mode"):
+        model(input_ids=ids, adapter_names=names)
+    model.eval()
+    model.merge_adapter()
+    with pytest.raises(ValueError, match="unmerge_adapter"):
+        model(input_ids=ids, adapter_names=names)

@@ -308,23 +308,45 @@ class TuckerLayer(BaseTunerLayer):
         raise NotImplementedError
 
     def _tucker_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """``base(x) + sum over active adapters of s * adapter(dropout(x))``, in the factored form."""
+        """``base(x) + sum over active adapters of s * adapter(dropout(x))``, in the factored form; with
+        ``adapter_names`` (one per row of the batch, set by ``model(..., adapter_names=[...])``) each row gets its
+        own adapter, ``"__base__"`` none."""
+        adapter_names = kwargs.pop("adapter_names", None)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            if len(adapter_names) != len(x):
+                raise ValueError(
+                    f"`adapter_names` needs one name per input row: got {len(adapter_names)} names for {len(x)} rows."
+                )
+            if self.merged:
+                raise ValueError(
+                    "Cannot pass `adapter_names` while adapters are merged; call unmerge_adapter() first."
+                )
+            result = self.base_layer(x, *args, **kwargs)
+            for adapter in dict.fromkeys(adapter_names):
+                if adapter in self.tucker_core:  # "__base__", or an adapter that skips this layer: the base output
+                    rows = torch.tensor(
+                        [i for i, name in enumerate(adapter_names) if name == adapter], device=x.device
+                    )
+                    result = result.index_copy(0, rows, self._adapter_delta(result[rows], x[rows], adapter))
+            return result
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         for adapter in self.active_adapters:
-            if adapter not in self.tucker_core:
-                continue
-            core = self.core(adapter)
-            x_a = self.tucker_dropout[adapter](x)
-            if not torch.is_autocast_enabled(x.device.type):
-                x_a = x_a.to(core.dtype)
-            result = self._add_adapter(result, x_a, adapter)
+            if adapter in self.tucker_core:
+                result = self._adapter_delta(result, x, adapter)
         return result
+
+    def _adapter_delta(self, result: torch.Tensor, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        """``result`` plus adapter ``adapter``'s output on ``x`` (its dropout, then the factored product)."""
+        x_a = self.tucker_dropout[adapter](x)
+        if not torch.is_autocast_enabled(x.device.type):
+            x_a = x_a.to(self.core(adapter).dtype)
+        return self._add_adapter(result, x_a, adapter)
 
     def __repr__(self) -> str:
         return "tucker." + super().__repr__()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-from peft.utils.other import get_pattern_key
+from peft.utils.other import AuxiliaryTrainingWrapper, get_pattern_key
 from torch import nn
 
 from .config import TuckerLoraConfig
@@ -41,6 +43,11 @@ def iter_tucker_layers(model: nn.Module, adapter_name: str | None = None):
             yield name.removeprefix(_PEFT_MODEL_PREFIX), module
 
 
+def _pass_adapter_names(names: list[str], module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook: hand one call's ``adapter_names`` to a layer's forward."""
+    return args, kwargs | {"adapter_names": names}
+
+
 class TuckerLoraModel(BaseTuner):
     """Injects Tucker adapters (``TuckerLoraConfig``) into a model; created by ``get_peft_model`` or
     ``inject_adapter_in_model`` (diffusers' ``add_adapter``), never directly."""
@@ -48,6 +55,50 @@ class TuckerLoraModel(BaseTuner):
     prefix: str = "tucker_"
     tuner_layer_cls = TuckerLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_TUCKER_TARGET_MODULES_MAPPING
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Mixed-adapter batches at inference: model(**batch, adapter_names=[...]), one adapter name per row, as in LoRA
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+        """Route ``adapter_names`` (one per row; ``"__base__"``: no adapter) to every Tucker layer and to the
+        ``modules_to_save`` copies for one forward or ``generate`` call, with LoRA's checks and its handling of beam
+        search (each name repeated ``num_beams`` times, the encoder of an encoder-decoder model given the original
+        list).  PEFT calls this around every forward; without ``adapter_names`` it does nothing."""
+        adapter_names = kwargs.get("adapter_names")
+        if kwargs.get("alora_offsets") is not None:
+            raise ValueError("`alora_offsets` is an activated-LoRA option; Tucker adapters have no such variant.")
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode; call model.eval().")
+        if not isinstance(adapter_names, (list, tuple)):
+            raise TypeError(f"`adapter_names` must be a list of str, one per input row; got {type(adapter_names)}.")
+        known = {name for _, layer in iter_tucker_layers(self.model) for name in layer.tucker_core}
+        unknown = sorted({name for name in adapter_names if name != "__base__"} - known)
+        if unknown:
+            raise ValueError(
+                f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}; the model has "
+                f"{sorted(known)} (and '__base__' for no adapter)."
+            )
+        names, handles = list(adapter_names), []
+        num_beams = kwargs.get("num_beams")
+        if isinstance(num_beams, int) and num_beams > 1:  # generate() repeats every input num_beams times
+            names = [name for name in adapter_names for _ in range(num_beams)]
+        for module in self.model.modules():
+            if isinstance(module, (TuckerLayer, AuxiliaryTrainingWrapper)):
+                handles.append(module.register_forward_pre_hook(partial(_pass_adapter_names, names), with_kwargs=True))
+        encoder = self.model.get_encoder() if hasattr(self.model, "get_encoder") else None
+        if names != list(adapter_names) and encoder is not None and encoder is not self.model:
+            for module in encoder.modules():  # the encoder runs once per input, not per beam
+                if isinstance(module, (TuckerLayer, AuxiliaryTrainingWrapper)):
+                    hook = partial(_pass_adapter_names, list(adapter_names))
+                    handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     # ------------------------------------------------------------------------------------------------------------
     # Checks before any module is replaced
