@@ -326,8 +326,8 @@ class TuckerLayer(BaseTunerLayer):
                     "Cannot pass `adapter_names` while adapters are merged; call unmerge_adapter() first."
                 )
             result = self.base_layer(x, *args, **kwargs)
-            for adapter in dict.fromkeys(adapter_names):
-                if adapter in self.tucker_core:  # "__base__", or an adapter that skips this layer: the base output
+            for adapter in dict.fromkeys(adapter_names):  # rows of "__base__" (or of an adapter this layer lacks)
+                if adapter in self.tucker_core:  # keep the base output
                     rows = torch.tensor(
                         [i for i, name in enumerate(adapter_names) if name == adapter], device=x.device
                     )
