@@ -139,3 +139,27 @@ def test_rank_clipped_to_small_layers():
     assert ranks["lin"] == (3, 3)
     assert ranks["conv"] == (2, 2, 1, 1)  # out rank <= in rank * window ranks
     assert torch.count_nonzero(model.base_model.model.conv.core("default")) == 0
+
+
+def test_callback_options_are_checked_when_the_callback_is_made():
+    """TuckerLoraCallback(...) is built before the model is loaded and the data prepared: a misspelt or out-of-range
+    option fails there, naming the options, not at trainer.train()."""
+    from tucker_peft import TuckerLoraCallback
+
+    with pytest.raises(TypeError, match=r"Unknown option\(s\) \['taus'\].*direction, betas"):
+        TuckerLoraCallback(taus=0.05)
+    with pytest.raises(TypeError, match=r"Unknown option\(s\) \['model'\]"):
+        TuckerLoraCallback(model=tiny_bert())
+    for options, message in (
+        ({"direction": "adamw"}, "`direction` must be 'adam' or 'sgd'"),
+        ({"tau": 1.5}, r"`tau` must lie in \[0, 1\)"),
+        ({"min_rank": 4, "max_rank": 2}, "min_rank <= max_rank"),
+        ({"rank_warmup": -1}, "`rank_warmup` must be an integer >= 0"),
+        ({"adaptive_scale": 0}, "`adaptive_scale` must be 'auto' or a number > 0"),
+        ({"budget": 1000, "budget_schedule": [0.8, 0.2]}, "0 <= start < end <= 1"),
+        ({"betas": (0.9, 1.0)}, r"`betas` must lie in \[0, 1\)"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            TuckerLoraCallback(**options)
+    callback = TuckerLoraCallback(direction="sgd", tau=0.05, budget_schedule=[0.2, 0.8])  # budget from the config
+    assert callback.optimizer_kwargs == {"direction": "sgd", "tau": 0.05, "budget_schedule": [0.2, 0.8]}

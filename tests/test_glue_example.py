@@ -275,6 +275,21 @@ def test_bad_arguments_are_refused(tmp_path):
         run_glue.DataTrainingArguments()
     with pytest.raises(ValueError, match="csv, tsv"):
         run_glue.DataTrainingArguments(train_file="a.txt", validation_file="b.txt")
+    # the adapter's settings fail before any data, tokenizer or model is loaded (none of these paths exists)
+    common = f"--model_name_or_path {tmp_path}/no-model --train_file {tmp_path}/no.tsv --validation_file "
+    common += f"{tmp_path}/no-dev.tsv --output_dir {tmp_path}/out --use_cpu --report_to none"
+    for flag, message in (
+        ("--tau 2", "`tau` must be a float in"),
+        ("--r 0", "`r` must be an integer >= 1"),
+        ("--budget_schedule 0.2,0.8", "set budget=<adapter parameters> as well"),
+        ("--direction adamw", "`direction` must be 'adam' or 'sgd'"),
+        ("--adaptive_scale big", "--adaptive_scale must be 'auto' or a number"),
+        ("--rank_interval 0", "`rank_interval` must be an integer >= 1"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            run_glue.main(f"{common} {flag}".split())
+    with pytest.raises(SystemExit):  # argparse: "invalid choice: 'tuker'"
+        run_glue.main(f"{common} --method tuker".split())
 
 
 @pytest.mark.parametrize("method", ["tucker", "lora"])

@@ -34,7 +34,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from .model import iter_tucker_layers
-from .optimizer import ATTACHED, TuckerOptimizer, _unwrap, tucker_parameters
+from .optimizer import ATTACHED, TuckerOptimizer, _unwrap, check_options, tucker_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -352,6 +352,7 @@ class TuckerLoraCallback(TrainerCallback):
     """
 
     def __init__(self, **optimizer_kwargs: Any) -> None:
+        check_options(**optimizer_kwargs)  # a wrong option fails here, before the model is even loaded
         self.optimizer_kwargs = optimizer_kwargs
         self.tucker: TuckerOptimizer | None = None
         self.history: list[dict] = []

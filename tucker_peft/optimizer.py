@@ -83,6 +83,7 @@ from __future__ import annotations
 
 import functools
 import heapq
+import inspect
 import math
 import warnings
 import weakref
@@ -367,6 +368,64 @@ def _factors_of(layer: TuckerLayer) -> list[nn.Parameter]:
     return [p for name in layer.adapter_layer_names for p in getattr(layer, name).values()]
 
 
+def check_options(**options: Any) -> None:
+    """Check keyword options of :class:`TuckerOptimizer` (as ``attach`` and ``TuckerLoraCallback`` take them)
+    without a model: an unknown name or a value out of range is an error at once, not when training starts.  What
+    needs the model (``budget`` against its size, ``adapter_name``) is checked when the update is built."""
+    signature = inspect.signature(TuckerOptimizer)
+    unknown = sorted(set(options) - set(signature.parameters) | set(options) & {"model"})
+    if unknown:
+        names = ", ".join(p for p in signature.parameters if p != "model")
+        raise TypeError(f"Unknown option(s) {unknown} of the geometric update; it takes {names}.")
+    bound = signature.bind_partial(**options)
+    bound.apply_defaults()
+    a = bound.arguments
+    _check_settings(
+        a["direction"],
+        a["lr"],
+        a["betas"],
+        a["weight_decay"],
+        a["adaptive_scale"],
+        a["rank_warmup"],
+        a["rank_interval"],
+        a["rank_headroom"],
+        a["basis_interval"],
+    )
+    _check_ranks(a["tau"], a["min_rank"], a["max_rank"])
+    if a["budget_schedule"] is not None and a["budget"] is not None:
+        check_budget_schedule(a["budget_schedule"], a["budget"])
+
+
+def _check_settings(
+    direction, lr, betas, weight_decay, adaptive_scale, rank_warmup, rank_interval, rank_headroom, basis_interval
+) -> None:
+    if direction not in ("adam", "sgd"):
+        raise ValueError(f"`direction` must be 'adam' or 'sgd'; got {direction!r}.")
+    _check_lr(lr)
+    if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+        raise ValueError(f"`betas` must lie in [0, 1); got {betas}.")
+    if not weight_decay >= 0:
+        raise ValueError(f"`weight_decay` must be >= 0; got {weight_decay}.")
+    for name, value, low in (
+        ("rank_warmup", rank_warmup, 0),
+        ("rank_interval", rank_interval, 1),
+        ("rank_headroom", rank_headroom, 1),
+        ("basis_interval", basis_interval, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"`{name}` must be an integer >= {low}; got {value!r}.")
+    if adaptive_scale != "auto" and not (isinstance(adaptive_scale, (int, float)) and adaptive_scale > 0):
+        raise ValueError(f"`adaptive_scale` must be 'auto' or a number > 0; got {adaptive_scale!r}.")
+
+
+def _check_ranks(tau, min_rank, max_rank) -> None:
+    """``tau``, ``min_rank`` and ``max_rank`` where given (None: the adapter config's, checked by the config)."""
+    if tau is not None and not 0 <= tau < 1:
+        raise ValueError(f"`tau` must lie in [0, 1); got {tau}.")
+    if (min_rank is not None and min_rank < 1) or (None not in (min_rank, max_rank) and min_rank > max_rank):
+        raise ValueError(f"need 1 <= min_rank <= max_rank; got min_rank={min_rank}, max_rank={max_rank}.")
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     while hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP / accelerate wrappers
         model = model.module
@@ -456,23 +515,17 @@ class TuckerOptimizer(Optimizer):
         budget_schedule: list[float] | None = None,
         total_steps: int | None = None,
     ) -> None:
-        if direction not in ("adam", "sgd"):
-            raise ValueError(f"`direction` must be 'adam' or 'sgd'; got {direction!r}.")
-        _check_lr(lr)
-        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(f"`betas` must lie in [0, 1); got {betas}.")
-        if not weight_decay >= 0:
-            raise ValueError(f"`weight_decay` must be >= 0; got {weight_decay}.")
-        for name, value, low in (
-            ("rank_warmup", rank_warmup, 0),
-            ("rank_interval", rank_interval, 1),
-            ("rank_headroom", rank_headroom, 1),
-            ("basis_interval", basis_interval, 1),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"`{name}` must be an integer >= {low}; got {value!r}.")
-        if adaptive_scale != "auto" and not (isinstance(adaptive_scale, (int, float)) and adaptive_scale > 0):
-            raise ValueError(f"`adaptive_scale` must be 'auto' or a number > 0; got {adaptive_scale!r}.")
+        _check_settings(
+            direction,
+            lr,
+            betas,
+            weight_decay,
+            adaptive_scale,
+            rank_warmup,
+            rank_interval,
+            rank_headroom,
+            basis_interval,
+        )
         inner = _unwrap(model)
         adapter_name = adapter_name or _active_adapter(inner)
         layers = list(iter_tucker_layers(inner, adapter_name))
@@ -485,10 +538,7 @@ class TuckerOptimizer(Optimizer):
         tau = config.tau if tau is None else tau
         min_rank = config.min_rank if min_rank is None else min_rank
         max_rank = config.max_rank if max_rank is None else max_rank
-        if not 0 <= tau < 1:
-            raise ValueError(f"`tau` must lie in [0, 1); got {tau}.")
-        if not 1 <= min_rank <= max_rank:
-            raise ValueError(f"need 1 <= min_rank <= max_rank; got min_rank={min_rank}, max_rank={max_rank}.")
+        _check_ranks(tau, min_rank, max_rank)
         budget = config.budget if budget is None else budget
         if budget is not None:
             smallest = sum(_layer_size_at(layer, adapter_name, min_rank) for _, layer in layers)

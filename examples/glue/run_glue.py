@@ -98,10 +98,13 @@ class DataTrainingArguments:
                 raise ValueError(f"{path}: data files must be csv, tsv, json(l) or parquet.")
 
 
+METHODS = ("tucker", "lora", "adalora", "full")
+
+
 @dataclass
 class ModelArguments:
     model_name_or_path: str = field(metadata={"help": "Pretrained model name on the Hub or local folder."})
-    method: str = field(default="tucker", metadata={"help": "tucker | lora | adalora | full"})
+    method: str = field(default="tucker", metadata={"help": "The adapter method.", "choices": list(METHODS)})
     r: int = field(default=8, metadata={"help": "Initial rank (tucker), rank (lora), initial rank (adalora)."})
     max_rank: int = field(default=32, metadata={"help": "tucker: largest rank per mode."})
     min_rank: int = field(default=1, metadata={"help": "tucker: smallest rank per mode."})
@@ -257,6 +260,41 @@ def adapter_summary(model, method: str) -> dict:
     return {"trainable": trainable, "ranks": []}
 
 
+def tucker_config(model_args: ModelArguments, targets: list[str] | None) -> tucker_peft.TuckerLoraConfig:
+    """``--method tucker``'s adapter config (its values are checked when it is built)."""
+    return tucker_peft.TuckerLoraConfig(
+        task_type="SEQ_CLS",
+        r=model_args.r,
+        max_rank=max(model_args.max_rank, model_args.r),
+        min_rank=model_args.min_rank,
+        tau=model_args.tau,
+        budget=model_args.budget,
+        budget_schedule=[float(f) for f in model_args.budget_schedule.split(",")]
+        if model_args.budget_schedule
+        else None,
+        alpha=model_args.alpha,
+        dropout=model_args.adapter_dropout,
+        target_modules=targets,
+    )
+
+
+def tucker_callback(model_args: ModelArguments) -> tucker_peft.TuckerLoraCallback:
+    """``--method tucker``'s Trainer callback with the update's options (checked when it is built)."""
+    scale = model_args.adaptive_scale
+    try:
+        scale = scale if scale == "auto" else float(scale)
+    except ValueError:
+        raise ValueError(f"--adaptive_scale must be 'auto' or a number > 0; got {scale!r}.") from None
+    return tucker_peft.TuckerLoraCallback(
+        direction=model_args.direction,
+        adaptive_scale=scale,
+        rank_warmup=model_args.rank_warmup,
+        rank_interval=model_args.rank_interval,
+        rank_headroom=model_args.rank_headroom,
+        basis_interval=model_args.basis_interval,
+    )
+
+
 def build_model(model_args: ModelArguments, num_labels: int, total_steps: int):
     """The pretrained model with the adapter of ``--method`` (``total_steps``: AdaLoRA's schedule needs it).
 
@@ -274,20 +312,7 @@ def build_model(model_args: ModelArguments, num_labels: int, total_steps: int):
     targets = model_args.target_modules.split(",") if model_args.target_modules else None
     targets = targets or TRANSFORMERS_MODELS_TO_TUCKER_TARGET_MODULES_MAPPING.get(model.config.model_type)
     if model_args.method == "tucker":
-        config = tucker_peft.TuckerLoraConfig(
-            task_type="SEQ_CLS",
-            r=model_args.r,
-            max_rank=max(model_args.max_rank, model_args.r),
-            min_rank=model_args.min_rank,
-            tau=model_args.tau,
-            budget=model_args.budget,
-            budget_schedule=[float(f) for f in model_args.budget_schedule.split(",")]
-            if model_args.budget_schedule
-            else None,
-            alpha=model_args.alpha,
-            dropout=model_args.adapter_dropout,
-            target_modules=targets,
-        )
+        config = tucker_config(model_args, targets)
     elif model_args.method == "lora":
         config = LoraConfig(
             task_type="SEQ_CLS",
@@ -311,7 +336,7 @@ def build_model(model_args: ModelArguments, num_labels: int, total_steps: int):
             deltaT=max(1, total_steps // 50),
         )
     else:
-        raise ValueError(f"--method must be tucker, lora, adalora or full; got {model_args.method!r}.")
+        raise ValueError(f"--method must be one of {', '.join(METHODS)}; got {model_args.method!r}.")
     return get_peft_model(model, config)
 
 
@@ -323,6 +348,10 @@ def main(argv: list[str] | None = None, extra_callbacks: list[TrainerCallback] |
         model_args, data_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
     else:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    callbacks = []
+    if model_args.method == "tucker":  # the adapter's settings are checked before any data or model is loaded
+        tucker_config(model_args, None)
+        callbacks.append(tucker_callback(model_args))
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[logging.StreamHandler()])
     log_level = training_args.get_process_log_level()  # info on the main process, warnings on the others
     logger.setLevel(log_level)
@@ -379,21 +408,8 @@ def main(argv: list[str] | None = None, extra_callbacks: list[TrainerCallback] |
         else math.ceil(training_args.num_train_epochs * steps_per_epoch)
     )
     model = build_model(model_args, num_labels, total_steps)
-    callbacks = []
     if model_args.method == "adalora":
         callbacks.append(AdaLoraCallback())
-    elif model_args.method == "tucker":
-        scale = model_args.adaptive_scale
-        callbacks.append(
-            tucker_peft.TuckerLoraCallback(
-                direction=model_args.direction,
-                adaptive_scale=scale if scale == "auto" else float(scale),
-                rank_warmup=model_args.rank_warmup,
-                rank_interval=model_args.rank_interval,
-                rank_headroom=model_args.rank_headroom,
-                basis_interval=model_args.basis_interval,
-            )
-        )
     callbacks.extend(extra_callbacks or [])
     start = adapter_summary(model, model_args.method)
 
