@@ -54,10 +54,25 @@ SOURCES = {
     }
     | {"stsb": [("glue_tuning_sched.json", "lora_r4", 1e-3), ("glue_lora_r4_stsb.json", "lora_r4", None)]},
 }
-#: (tucker method, baseline) per task
+# the default tolerance (tau = 0.1) after the 2026-11-29 change of the update, with its step still in fp32 (not rerun
+# since), and LoRA r = 2, the LoRA rank nearest below its final size
+SOURCES["tucker"] = {
+    "sst2": [("glue_full_dynamics.json", "tucker", None)],
+    "mrpc": [("glue_full_dynamics.json", "tucker", None)],
+    "rte": [("glue_full_dynamics_rte.json", "tucker", None)],
+    "stsb": [("glue_full_dynamics_stsb.json", "tucker", None), ("glue_full_dynamics_stsb2.json", "tucker", None)],
+}
+SOURCES["lora_r2"] = {
+    "sst2": [("glue_full_dynamics.json", "lora_r2", None)],
+    "mrpc": [("glue_full_dynamics.json", "lora_r2", None)],
+    "rte": [("glue_full_dynamics_rte.json", "lora_r2", None)],
+    "stsb": [(f"glue_full_dynamics_stsb{part}.json", "lora_r2", None) for part in ("", "1", "2")],
+}
+SOURCES["lora"]["rte"] = [("glue_full.json", "lora", None)]
+#: (task, tucker method, baseline)
 COMPARISONS = [
     (task, "tucker_sched", baseline) for task in ("sst2", "mrpc", "stsb") for baseline in ("lora", "lora_r4")
-]
+] + [(task, "tucker", baseline) for task in ("sst2", "mrpc", "rte", "stsb") for baseline in ("lora", "lora_r2")]
 
 
 def load_runs(method: str, task: str) -> dict[int, dict]:
