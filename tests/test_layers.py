@@ -14,7 +14,7 @@ from transformers.pytorch_utils import Conv1D
 from tucker_peft import Conv, Linear, TuckerLoraConfig, adapter_parameter_count, current_ranks
 from tucker_peft.tensor_ops import tucker_to_tensor
 
-from .conftest import Net, randomize_adapter
+from .conftest import Net, randomize_adapter, tiny_bert, tiny_gpt2
 
 
 def _layer_cases():
@@ -335,8 +335,6 @@ def test_multiple_adapters_add_switch_delete():
 
 
 def test_print_trainable_parameters_matches_hand_count(capsys):
-    from .conftest import tiny_bert
-
     model = get_peft_model(
         tiny_bert(),
         TuckerLoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value", "intermediate.dense"]),
@@ -378,8 +376,6 @@ def test_mixed_adapter_batch_gives_each_row_its_own_adapter():
     """``model(..., adapter_names=[...])`` as with LoRA: every row equals the output of its adapter alone ("__base__":
     none), on a BERT classifier (its per-adapter classifier copies too, made to differ here), on a Conv2d model,
     and in GPT-2's beam search; misuse is refused with the fix."""
-    from .conftest import tiny_bert, tiny_gpt2
-
     model = _two_adapters(tiny_bert(), dict(task_type="SEQ_CLS", r=4, target_modules=["query", "value"]))
     model.classifier.modules_to_save["small"].weight.add_(0.5)  # the head of "small" differs from default's
     ids = torch.randint(5, 120, (5, 9), generator=torch.Generator().manual_seed(0))
