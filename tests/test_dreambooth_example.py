@@ -131,3 +131,23 @@ def test_dreambooth_bf16_with_text_encoder(tiny_pipeline, tmp_path):
     # the text encoder's adapter matters: without it the images differ
     unet_only = StableDiffusionPipeline.from_pretrained(tiny_pipeline, unet=result["unet"], safety_checker=None)
     assert np.abs(_generate(unet_only) - expected).max() > 1e-5
+
+
+@pytest.mark.slow
+def test_dreambooth_gradient_checkpointing_trains_the_same_adapters(tiny_pipeline, tmp_path):
+    """``--gradient_checkpointing`` (unet and text encoder) recomputes activations in the backward: the same
+    losses, ranks and adapters as without it."""
+    extra = "--train_text_encoder --checkpointing_steps 100"
+    plain = _train(tiny_pipeline, tmp_path / "plain", steps=3, extra=extra)
+    recomputed = _train(tiny_pipeline, tmp_path / "ckpt", steps=3, extra=extra + " --gradient_checkpointing")
+    text_encoder = recomputed["text_encoder"]
+    assert recomputed["unet"].is_gradient_checkpointing
+    assert getattr(text_encoder, "is_activation_checkpointing", None) or text_encoder.is_gradient_checkpointing
+    np.testing.assert_allclose(recomputed["loss_history"], plain["loss_history"], rtol=1e-5)
+    assert recomputed["ranks"] == plain["ranks"]
+    for name in ("unet", "text_encoder"):
+        expected = {n: p for n, p in plain[name].named_parameters() if "tucker_" in n}
+        got = {n: p for n, p in recomputed[name].named_parameters() if "tucker_" in n}
+        assert expected.keys() == got.keys() and expected
+        for n, p in expected.items():
+            torch.testing.assert_close(got[n], p, atol=1e-5, rtol=1e-4)

@@ -72,6 +72,9 @@ def parse_args(argv=None):
     p.add_argument("--train_batch_size", type=int, default=4, help="Batch size per device.")
     p.add_argument("--sample_batch_size", type=int, default=4, help="Batch size when generating class images.")
     p.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
+    p.add_argument(
+        "--gradient_checkpointing", action="store_true", help="Recompute activations in the backward (less memory)."
+    )
     p.add_argument("--max_train_steps", type=int, default=500, help="Optimizer steps to train.")
     p.add_argument("--learning_rate", type=float, default=1e-4, help="Peak learning rate (adapters and the update).")
     p.add_argument("--lr_scheduler", default="constant", help="diffusers scheduler name: constant, linear, cosine...")
@@ -280,6 +283,11 @@ def main(argv=None):
         text_encoder.peft_config = getattr(text_encoder, "peft_config", None) or {}
     else:
         text_encoder.to(accelerator.device, dtype=weight_dtype)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            # (transformers 5 renamed it activation_checkpointing_enable)
+            getattr(text_encoder, "activation_checkpointing_enable", text_encoder.gradient_checkpointing_enable)()
     models = [unet] + ([text_encoder] if args.train_text_encoder else [])
     params = [p for m in models for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
