@@ -227,6 +227,28 @@ def test_misuse_is_refused():
         tucker.step()
 
 
+def test_an_adapter_loaded_for_inference_is_refused_with_how_to_load_it_for_training(tmp_path):
+    """PeftModel.from_pretrained loads an adapter frozen (for inference), PEFT's usual pitfall: the callback refuses
+    it when the Trainer is made (before: the first lr scheduler step failed inside torch with a zip() error), and
+    so do attach and TuckerOptimizer; loaded with is_trainable=True it trains."""
+    from peft import PeftModel
+
+    loop_model()[0].save_pretrained(tmp_path / "adapter")
+    frozen = PeftModel.from_pretrained(reproducible_bert(), tmp_path / "adapter")
+    with pytest.raises(ValueError, match=r"'default' is frozen.*is_trainable=True"):
+        Trainer(model=frozen, args=_args(tmp_path), train_dataset=token_task(), callbacks=[TuckerLoraCallback()])
+    with pytest.raises(ValueError, match="is frozen"):
+        tucker_peft.attach(torch.optim.AdamW(frozen.parameters(), lr=1e-2), frozen)
+    with pytest.raises(ValueError, match="is frozen"):
+        TuckerOptimizer(frozen)
+
+    trainable = PeftModel.from_pretrained(reproducible_bert(), tmp_path / "adapter", is_trainable=True)
+    start = tucker_peft.current_ranks(trainable)
+    args = _args(tmp_path, max_steps=10)
+    Trainer(model=trainable, args=args, train_dataset=token_task(), callbacks=[TuckerLoraCallback()]).train()
+    assert tucker_peft.current_ranks(trainable) != start
+
+
 def test_attach_with_optimizer_built_from_the_other_parameters():
     model, batch = loop_model()
     optimizer = torch.optim.AdamW(tucker_peft.non_tucker_parameters(model), lr=1e-2)

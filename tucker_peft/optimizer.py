@@ -396,6 +396,20 @@ def check_options(**options: Any) -> None:
         check_budget_schedule(a["budget_schedule"], a["budget"])
 
 
+def refuse_frozen(layers: list[tuple[str, TuckerLayer]], adapter_name: str) -> None:
+    """An adapter none of whose factors requires grad (loaded for inference) cannot be trained: say how to load it."""
+    if layers and not any(
+        p.requires_grad for _, layer in layers for p in (layer.core(adapter_name), *layer.factors(adapter_name))
+    ):
+        raise ValueError(
+            f"The Tucker adapter {adapter_name!r} is frozen (none of its factors requires grad): there is nothing "
+            "for the update to train. PeftModel.from_pretrained(base, path) loads an adapter for inference; load "
+            "it with PeftModel.from_pretrained(base, path, is_trainable=True) (or load_adapter(path, name, "
+            "is_trainable=True)) to train it. To train only the rest of the model, leave out TuckerLoraCallback "
+            "/ tucker_peft.attach."
+        )
+
+
 def _check_settings(
     direction, lr, betas, weight_decay, adaptive_scale, rank_warmup, rank_interval, rank_headroom, basis_interval
 ) -> None:
@@ -572,6 +586,7 @@ class TuckerOptimizer(Optimizer):
                     "two geometric updates of one adapter would each apply the step. Create one TuckerOptimizer per "
                     "adapter."
                 )
+        refuse_frozen(layers, adapter_name)
         groups = [
             {
                 "params": [layer.core(adapter_name), *layer.factors(adapter_name)],
