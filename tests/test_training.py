@@ -254,9 +254,19 @@ def test_attach_with_optimizer_built_from_the_other_parameters():
     optimizer = torch.optim.AdamW(tucker_peft.non_tucker_parameters(model), lr=1e-2)
     tucker = tucker_peft.attach(optimizer, model)
     assert len(optimizer.param_groups) == 2  # the factors were added so that unscale_/schedulers see them
+    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.5, total_iters=2)  # made after attach: sees both
     model(**batch).loss.backward()
     optimizer.step()
+    scheduler.step()
     assert tucker.state_dict()["state"]
+    assert [g["lr"] for g in optimizer.param_groups] == [0.0075, 0.0075]
+    # a scheduler made before attach would not know the added group (torch fails at its step): refused, unchanged
+    model, batch = loop_model(1)
+    optimizer = torch.optim.AdamW(tucker_peft.non_tucker_parameters(model), lr=1e-2)
+    torch.optim.lr_scheduler.LinearLR(optimizer, total_iters=2)
+    with pytest.raises(ValueError, match="before creating the scheduler"):
+        tucker_peft.attach(optimizer, model)
+    assert len(optimizer.param_groups) == 1
 
 
 def test_detach_removes_the_update_and_releases_the_factors():

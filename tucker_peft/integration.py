@@ -95,7 +95,8 @@ def exclude_from_ddp(model: nn.Module) -> None:
 def attach(optimizer: Any, model: nn.Module, **kwargs: Any) -> TuckerOptimizer:
     """Run the geometric update of ``model``'s Tucker adapters whenever ``optimizer`` steps: the one extra line.
 
-    Call it after creating the optimizer and before ``accelerator.prepare`` / DDP wrapping::
+    Call it after creating the optimizer and before ``accelerator.prepare`` / DDP wrapping (and, for an optimizer
+    built without the factors, before creating its learning-rate scheduler)::
 
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         tucker_peft.attach(optimizer, model)
@@ -127,6 +128,13 @@ def attach(optimizer: Any, model: nn.Module, **kwargs: Any) -> TuckerOptimizer:
     ids = {id(p) for p in factors}
     holding = [g for g in inner.param_groups if any(id(p) in ids for p in g["params"])]
     added_group = not holding
+    if added_group and getattr(inner.step, "_wrapped_by_lr_sched", False):
+        # (torch's LR schedulers mark the step they wrap; one made before the group is added fails at its step)
+        raise ValueError(
+            "This optimizer does not hold the Tucker factors (built from non_tucker_parameters), so attach adds them "
+            "as a new parameter group, which the learning-rate scheduler already made for it does not know. Call "
+            "tucker_peft.attach(optimizer, model) before creating the scheduler."
+        )
     # the factors follow the group that holds them, or the one added below (the optimizer's defaults, no weight decay)
     source = holding[0] if holding else {"lr": inner.defaults["lr"], "weight_decay": 0.0}
     follow_weight_decay = "weight_decay" not in kwargs
