@@ -151,3 +151,29 @@ def test_dreambooth_gradient_checkpointing_trains_the_same_adapters(tiny_pipelin
         assert expected.keys() == got.keys() and expected
         for n, p in expected.items():
             torch.testing.assert_close(got[n], p, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_dreambooth_takes_diffusers_epoch_checkpoint_and_optimizer_flags(tiny_pipeline, tmp_path):
+    """The flags of diffusers' script that a copied command carries: epochs instead of steps (5 photos, batch 2: 3
+    steps an epoch), a limit on the checkpoints kept, validation every epoch, Adam's constants (for AdamW and the
+    update alike), --scale_lr and the scheduler's power."""
+    out = tmp_path / "run"
+    args = (
+        f"--pretrained_model_name_or_path {tiny_pipeline} --instance_data_dir {DOG} --instance_prompt a_photo_of_sks_dog "
+        f"--resolution 32 --train_batch_size 2 --num_train_epochs 2 --learning_rate 1e-2 --scale_lr --rank 4 "
+        "--lr_scheduler polynomial --lr_power 2 --adam_beta1 0.8 --adam_beta2 0.99 --adam_epsilon 1e-6 "
+        "--checkpointing_steps 2 --checkpoints_total_limit 2 --validation_prompt a_sks_dog --validation_epochs 1 "
+        f"--num_validation_images 1 --num_inference_steps 2 --output_dir {out} --report_to none --seed 0 --allow_tf32"
+    )
+    result = train_dreambooth_tucker.main(args.split())
+    assert result["steps"] == 6 and len(result["loss_history"]) == 6
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    assert sorted(p.name for p in out.glob("validation-*.png")) == ["validation-000003.png", "validation-000006.png"]
+    state = torch.load(out / "checkpoint-4" / "optimizer.bin", weights_only=False)
+    group = state["param_groups"][0]
+    assert group["betas"] == (0.8, 0.99) and group["eps"] == 1e-6
+    assert group["initial_lr"] == pytest.approx(2e-2)  # scaled by the batch size 2
+    assert group["lr"] == pytest.approx(1e-7 + (2e-2 - 1e-7) * (1 - 4 / 6) ** 2)  # polynomial, power 2, at step 4
+    update = state["tucker_peft"]["param_groups"]  # the geometric update's state, saved with the optimizer
+    assert update and all(g["betas"] == (0.8, 0.99) and g["eps"] == 1e-6 for g in update)

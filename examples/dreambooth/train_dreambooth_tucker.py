@@ -2,8 +2,9 @@
 """DreamBooth fine-tuning of a Stable Diffusion UNet (and optionally its text encoder) with tucker-peft adapters.
 
 Follows diffusers' ``examples/dreambooth/train_dreambooth_lora.py``: the same flag names, an accelerate loop with
-mixed precision, gradient accumulation, checkpointing and resume, prior preservation, validation images and
-``--push_to_hub``.  Tucker adapters go on the attention projections, the feed-forward layers, ``proj_in/out``,
+mixed precision, gradient accumulation and checkpointing, epochs or steps, checkpoints (with a limit) and resume,
+prior preservation, validation images and ``--push_to_hub`` (not: 8-bit Adam, xformers, precomputed text
+embeddings).  Tucker adapters go on the attention projections, the feed-forward layers, ``proj_in/out``,
 ``time_emb_proj`` and the ResNet blocks' 3x3 convolutions and shortcuts (``channels`` mode: the 3x3 window stays
 dense in the core).  ``--method lora`` trains PEFT's LoRA on the same modules, for a same-script baseline.
 
@@ -26,6 +27,7 @@ import argparse
 import logging
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -75,26 +77,43 @@ def parse_args(argv=None):
     p.add_argument(
         "--gradient_checkpointing", action="store_true", help="Recompute activations in the backward (less memory)."
     )
-    p.add_argument("--max_train_steps", type=int, default=500, help="Optimizer steps to train.")
+    p.add_argument("--num_train_epochs", type=int, default=1, help="Epochs to train if --max_train_steps is unset.")
+    p.add_argument(
+        "--max_train_steps", type=int, default=None, help="Optimizer steps to train (overrides --num_train_epochs)."
+    )
     p.add_argument("--learning_rate", type=float, default=1e-4, help="Peak learning rate (adapters and the update).")
+    p.add_argument(
+        "--scale_lr", action="store_true", help="Multiply the learning rate by the total batch size (as diffusers)."
+    )
     p.add_argument("--lr_scheduler", default="constant", help="diffusers scheduler name: constant, linear, cosine...")
     p.add_argument("--lr_warmup_steps", type=int, default=0, help="Warmup steps of the scheduler.")
+    p.add_argument("--lr_num_cycles", type=int, default=1, help="Restarts of the cosine_with_restarts scheduler.")
+    p.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial scheduler.")
+    p.add_argument("--adam_beta1", type=float, default=0.9, help="Adam's beta1 (AdamW and the update).")
+    p.add_argument("--adam_beta2", type=float, default=0.999, help="Adam's beta2 (AdamW and the update).")
+    p.add_argument("--adam_epsilon", type=float, default=1e-8, help="Adam's epsilon (AdamW and the update).")
     p.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay (the core only).")
     p.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
     p.add_argument(
         "--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="accelerate's mixed precision."
     )
+    p.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere or newer GPUs.")
     p.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N steps.")
+    p.add_argument(
+        "--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints (oldest go)."
+    )
     p.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder, or "latest".')
     p.add_argument("--validation_prompt", default=None, help="Prompt of the validation images.")
     p.add_argument("--num_validation_images", type=int, default=4, help="Validation images per validation.")
     p.add_argument("--validation_steps", type=int, default=None, help="Also validate every N steps.")
+    p.add_argument("--validation_epochs", type=int, default=None, help="Also validate every N epochs.")
     p.add_argument("--num_inference_steps", type=int, default=25, help="Denoising steps of validation images.")
     p.add_argument("--output_dir", default="dreambooth-tucker", help="Where adapters, checkpoints and images go.")
     p.add_argument("--push_to_hub", action="store_true", help="Upload the output folder to the Hub at the end.")
     p.add_argument("--hub_model_id", default=None, help="Hub repository (default: the output folder's name).")
     p.add_argument("--seed", type=int, default=None, help="Seed of training and validation images.")
     p.add_argument("--report_to", default="tensorboard", help='accelerate tracker ("tensorboard", "wandb", "none").')
+    p.add_argument("--logging_dir", default="logs", help="Tracker logs, inside --output_dir.")
     p.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
     # adapters
     p.add_argument("--method", choices=["tucker", "lora"], default="tucker", help="Tucker adapters, or PEFT LoRA.")
@@ -108,6 +127,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.with_prior_preservation and (args.class_data_dir is None or args.class_prompt is None):
         p.error("--with_prior_preservation needs --class_data_dir and --class_prompt")
+    for name in ("num_train_epochs", "max_train_steps", "checkpoints_total_limit", "validation_epochs"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1; got {getattr(args, name)}")
     if args.alpha is None:
         args.alpha = float(args.rank)
     return args
@@ -188,6 +210,12 @@ def adapter_config(args, targets):
     return LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=targets, init_lora_weights="gaussian")
 
 
+def checkpoints(folder: str) -> list[str]:
+    """The ``checkpoint-<step>`` folders in ``folder``, oldest first."""
+    names = [d for d in os.listdir(folder) if d.startswith("checkpoint-")] if os.path.isdir(folder) else []
+    return sorted(names, key=lambda d: int(d.split("-")[1]))
+
+
 def generate_class_images(args, accelerator):
     """Fill ``--class_data_dir`` up to ``--num_class_images`` with images of ``--class_prompt`` (prior preservation)."""
     from diffusers import StableDiffusionPipeline
@@ -254,12 +282,14 @@ def main(argv=None):
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(
-            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
         ),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if args.seed is not None:
         set_seed(args.seed)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
     if args.with_prior_preservation:
         generate_class_images(args, accelerator)
     os.makedirs(args.output_dir, exist_ok=True)
@@ -290,11 +320,19 @@ def main(argv=None):
             getattr(text_encoder, "activation_checkpointing_enable", text_encoder.gradient_checkpointing_enable)()
     models = [unet] + ([text_encoder] if args.train_text_encoder else [])
     params = [p for m in models for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    betas = (args.adam_beta1, args.adam_beta2)
+    optimizer = torch.optim.AdamW(
+        params, lr=args.learning_rate, betas=betas, eps=args.adam_epsilon, weight_decay=args.adam_weight_decay
+    )
     tucker = None
     if args.method == "tucker":  # the one extra line: the geometric, rank-adaptive update of the Tucker factors
         adapted = models[0] if len(models) == 1 else nn.ModuleList(models)  # layer names "0.…" (unet), "1.…"
-        tucker = tucker_peft.attach(optimizer, adapted, tau=args.tau, max_rank=max(args.max_rank, args.rank))
+        max_rank = max(args.max_rank, args.rank)
+        tucker = tucker_peft.attach(
+            optimizer, adapted, tau=args.tau, max_rank=max_rank, betas=betas, eps=args.adam_epsilon
+        )
 
     # checkpoints hold the adapters in PEFT format (at their current ranks), not whole models
     def save_hook(saved_models, weights, output_dir):
@@ -329,11 +367,16 @@ def main(argv=None):
         num_workers=args.dataloader_num_workers,
         collate_fn=lambda items: collate(items, prior),
     )
+    updates_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * updates_per_epoch
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=args.max_train_steps * accelerator.num_processes,
+        num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
     )
     prepared = accelerator.prepare(*models, optimizer, loader, lr_scheduler)
     models, (optimizer, loader, lr_scheduler) = list(prepared[: len(models)]), prepared[len(models) :]
@@ -349,10 +392,7 @@ def main(argv=None):
     if args.resume_from_checkpoint:
         folder = args.resume_from_checkpoint
         if folder == "latest":
-            found = sorted(
-                (d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")),
-                key=lambda d: int(d.split("-")[1]),
-            )
+            found = checkpoints(args.output_dir)
             folder = os.path.join(args.output_dir, found[-1]) if found else None
         if folder:
             accelerator.load_state(folder)
@@ -372,6 +412,8 @@ def main(argv=None):
         range(global_step, args.max_train_steps), disable=not accelerator.is_local_main_process, desc="Steps"
     )
     loss_history, rank_history = [], []
+    updates_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)  # per process, once prepared
+    epoch = global_step // updates_per_epoch
     while global_step < args.max_train_steps:
         for batch in loader:
             with accelerator.accumulate(*models):
@@ -416,12 +458,22 @@ def main(argv=None):
             progress.set_postfix(**{k: round(v, 4) for k, v in logs.items()})
             accelerator.log(logs, step=global_step)
             if accelerator.is_main_process and global_step % args.checkpointing_steps == 0:
+                if args.checkpoints_total_limit is not None:  # room for the new one
+                    old = checkpoints(args.output_dir)
+                    for name in old[: max(0, len(old) - args.checkpoints_total_limit + 1)]:
+                        shutil.rmtree(os.path.join(args.output_dir, name))
                 accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{global_step}"))
             validate = args.validation_prompt and args.validation_steps and global_step % args.validation_steps == 0
             if validate and accelerator.is_main_process:  # images are written by the main process only
                 log_validation(args, accelerator, unet, text_encoder, global_step)
             if global_step >= args.max_train_steps:
                 break
+        if global_step >= args.max_train_steps:
+            break  # (the final validation follows)
+        epoch += 1
+        validate = args.validation_prompt and args.validation_epochs and epoch % args.validation_epochs == 0
+        if validate and accelerator.is_main_process:
+            log_validation(args, accelerator, unet, text_encoder, global_step)
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
