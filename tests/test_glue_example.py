@@ -285,6 +285,7 @@ def test_bad_arguments_are_refused(tmp_path):
         ("--direction adamw", "`direction` must be 'adam' or 'sgd'"),
         ("--adaptive_scale big", "--adaptive_scale must be 'auto' or a number"),
         ("--rank_interval 0", "`rank_interval` must be an integer >= 1"),
+        ("--do_predict", "--do_predict is not supported"),  # transformers' flags it would otherwise ignore
     ):
         with pytest.raises(ValueError, match=message):
             run_glue.main(f"{common} {flag}".split())

@@ -348,6 +348,12 @@ def main(argv: list[str] | None = None, extra_callbacks: list[TrainerCallback] |
         model_args, data_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
     else:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    # it always trains, then evaluates on the validation set (transformers' --do_train / --do_eval are accepted)
+    if training_args.do_predict:
+        raise ValueError(
+            "--do_predict is not supported by run_glue.py (it trains, then evaluates on --validation_file): predict "
+            "with the saved adapter, e.g. Trainer(model=PeftModel.from_pretrained(base, output_dir)).predict(test)."
+        )
     callbacks = []
     if model_args.method == "tucker":  # the adapter's settings are checked before any data or model is loaded
         tucker_config(model_args, None)
