@@ -228,15 +228,23 @@ def test_misuse_is_refused():
 
 
 def test_an_adapter_loaded_for_inference_is_refused_with_how_to_load_it_for_training(tmp_path):
-    """PeftModel.from_pretrained loads an adapter frozen (for inference), PEFT's usual pitfall: the callback refuses
-    it when the Trainer is made (before: the first lr scheduler step failed inside torch with a zip() error), and
-    so do attach and TuckerOptimizer; loaded with is_trainable=True it trains."""
+    """PeftModel.from_pretrained loads an adapter frozen (for inference), PEFT's usual pitfall: training it with the
+    callback is refused before the first step (before: the first lr scheduler step failed inside torch with a zip()
+    error), and so are attach and TuckerOptimizer; evaluating it with the callback in the list works; loaded with
+    is_trainable=True it trains."""
     from peft import PeftModel
 
     loop_model()[0].save_pretrained(tmp_path / "adapter")
     frozen = PeftModel.from_pretrained(reproducible_bert(), tmp_path / "adapter")
+    before = [p.detach().clone() for p in frozen.parameters()]
+    trainer = Trainer(
+        model=frozen, args=_args(tmp_path), train_dataset=token_task(), eval_dataset=token_task(32),
+        callbacks=[TuckerLoraCallback()],
+    )  # fmt: skip
+    assert "eval_loss" in trainer.evaluate()
     with pytest.raises(ValueError, match=r"'default' is frozen.*is_trainable=True"):
-        Trainer(model=frozen, args=_args(tmp_path), train_dataset=token_task(), callbacks=[TuckerLoraCallback()])
+        trainer.train()
+    assert trainer.state.global_step == 0 and all(torch.equal(p, q) for p, q in zip(before, frozen.parameters()))
     with pytest.raises(ValueError, match="is frozen"):
         tucker_peft.attach(torch.optim.AdamW(frozen.parameters(), lr=1e-2), frozen)
     with pytest.raises(ValueError, match="is frozen"):

@@ -34,15 +34,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from .model import iter_tucker_layers
-from .optimizer import (
-    ATTACHED,
-    TuckerOptimizer,
-    _active_adapter,
-    _unwrap,
-    check_options,
-    refuse_frozen,
-    tucker_parameters,
-)
+from .optimizer import ATTACHED, TuckerOptimizer, _unwrap, check_options, tucker_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -379,8 +371,6 @@ class TuckerLoraCallback(TrainerCallback):
                 "TuckerLoraCallback needs a model with Tucker adapters: wrap it with "
                 "get_peft_model(model, TuckerLoraConfig(...)) before creating the Trainer."
             )
-        active = _active_adapter(_unwrap(model))
-        refuse_frozen(list(iter_tucker_layers(_unwrap(model), active)), active)
         if getattr(args, "fsdp", None):
             raise NotImplementedError("tucker-peft does not support FSDP; use DDP (plain multi-process training).")
         if args.world_size > 1:

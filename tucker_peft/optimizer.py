@@ -396,9 +396,9 @@ def check_options(**options: Any) -> None:
         check_budget_schedule(a["budget_schedule"], a["budget"])
 
 
-def refuse_frozen(layers: list[tuple[str, TuckerLayer]], adapter_name: str) -> None:
+def _refuse_frozen(layers: list[tuple[str, TuckerLayer]], adapter_name: str) -> None:
     """An adapter none of whose factors requires grad (loaded for inference) cannot be trained: say how to load it."""
-    if layers and not any(
+    if not any(
         p.requires_grad for _, layer in layers for p in (layer.core(adapter_name), *layer.factors(adapter_name))
     ):
         raise ValueError(
@@ -586,7 +586,7 @@ class TuckerOptimizer(Optimizer):
                     "two geometric updates of one adapter would each apply the step. Create one TuckerOptimizer per "
                     "adapter."
                 )
-        refuse_frozen(layers, adapter_name)
+        _refuse_frozen(layers, adapter_name)
         groups = [
             {
                 "params": [layer.core(adapter_name), *layer.factors(adapter_name)],
