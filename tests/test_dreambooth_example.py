@@ -79,8 +79,16 @@ def test_dreambooth_trains_saves_and_reloads(tiny_pipeline, tmp_path, method):
     np.testing.assert_allclose(_generate(fresh), expected, atol=1e-6)
     base = _generate(StableDiffusionPipeline.from_pretrained(tiny_pipeline, safety_checker=None))
     assert np.abs(base - expected).max() > 1e-4  # the adapter changes the images
+    card = (out / "README.md").read_text()
+    assert "base_model:" in card and '"a_photo_of_sks_dog"' in card
     if method == "lora":
+        assert not (out / "pytorch_lora_weights.safetensors").exists()
         return
+    # the exact LoRA form beside the Tucker adapters: diffusers alone loads it and gives the same image
+    assert "load_lora_weights" in card
+    plain = StableDiffusionPipeline.from_pretrained(tiny_pipeline, safety_checker=None)
+    plain.load_lora_weights(str(out))
+    np.testing.assert_allclose(_generate(plain), expected, atol=1e-4)
     fused = tucker_peft.load_into_pipeline(
         StableDiffusionPipeline.from_pretrained(tiny_pipeline, safety_checker=None), str(out), fuse=True
     )
@@ -131,6 +139,10 @@ def test_dreambooth_bf16_with_text_encoder(tiny_pipeline, tmp_path):
     # the text encoder's adapter matters: without it the images differ
     unet_only = StableDiffusionPipeline.from_pretrained(tiny_pipeline, unet=result["unet"], safety_checker=None)
     assert np.abs(_generate(unet_only) - expected).max() > 1e-5
+    # and diffusers alone loads both parts from the exact LoRA file
+    plain = StableDiffusionPipeline.from_pretrained(tiny_pipeline, safety_checker=None)
+    plain.load_lora_weights(str(out))
+    np.testing.assert_allclose(_generate(plain), expected, atol=1e-4)  # (3.8e-6; without the text encoder 0.26)
 
 
 @pytest.mark.slow
@@ -160,8 +172,8 @@ def test_dreambooth_takes_diffusers_epoch_checkpoint_and_optimizer_flags(tiny_pi
     update alike), --scale_lr and the scheduler's power."""
     out = tmp_path / "run"
     args = (
-        f"--pretrained_model_name_or_path {tiny_pipeline} --instance_data_dir {DOG} --instance_prompt a_photo_of_sks_dog "
-        f"--resolution 32 --train_batch_size 2 --num_train_epochs 2 --learning_rate 1e-2 --scale_lr --rank 4 "
+        f"--pretrained_model_name_or_path {tiny_pipeline} --instance_data_dir {DOG} "
+        f"--instance_prompt a_photo_of_sks_dog --resolution 32 --train_batch_size 2 --num_train_epochs 2 --learning_rate 1e-2 --scale_lr --rank 4 "
         "--lr_scheduler polynomial --lr_power 2 --adam_beta1 0.8 --adam_beta2 0.99 --adam_epsilon 1e-6 "
         "--checkpointing_steps 2 --checkpoints_total_limit 2 --validation_prompt a_sks_dog --validation_epochs 1 "
         f"--num_validation_images 1 --num_inference_steps 2 --output_dir {out} --report_to none --seed 0 --allow_tf32"

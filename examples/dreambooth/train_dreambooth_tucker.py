@@ -24,6 +24,7 @@ then::
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -241,6 +242,57 @@ def generate_class_images(args, accelerator):
         for j, image in enumerate(images):
             image.save(folder / f"class-{start + j:05d}.png")
     del pipe
+
+
+def save_model_card(args, steps: int, ranks: dict | None) -> None:
+    """``output_dir/README.md``, the model card of ``--push_to_hub``: base model, prompt, training and how to load."""
+    base = args.pretrained_model_name_or_path
+    parts = "the UNet" + (" and the text encoder" if args.train_text_encoder else "")
+    if ranks:
+        values = [r for v in ranks.values() for r in v]
+        mean = sum(values) / len(values)
+        size = (
+            f"Tucker adapters on {parts}, ranks adapted from {args.rank} to {mean:.2f} on average (tau = {args.tau})"
+        )
+    else:
+        size = f"LoRA (rank {args.rank}) on {parts}"
+    text = f"""---
+base_model: {json.dumps(base)}
+library_name: diffusers
+instance_prompt: {json.dumps(args.instance_prompt)}
+tags:
+- text-to-image
+- diffusers
+- dreambooth
+- lora
+- tucker-peft
+---
+
+# DreamBooth adapters for {base}
+
+Trained on the prompt `{args.instance_prompt}` for {steps} steps with tucker-peft's
+`examples/dreambooth/train_dreambooth_tucker.py`: {size}.
+"""
+    if ranks:
+        text += f"""
+`pytorch_lora_weights.safetensors` holds the same deltas as exact LoRA factors, so diffusers loads them alone:
+
+```python
+from diffusers import StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("{base}")
+pipe.load_lora_weights("<this folder or repository>")
+image = pipe("{args.instance_prompt}").images[0]
+```
+
+`unet/` (and `text_encoder/`) hold the Tucker adapters themselves, to keep training them or to fuse them:
+`tucker_peft.load_into_pipeline(pipe, folder, fuse=False)`.
+"""
+    else:
+        text += "\n`unet/` (and `text_encoder/`) hold PEFT LoRA adapters: "
+        text += "`tucker_peft.load_into_pipeline(pipe, folder)`.\n"
+    with open(os.path.join(args.output_dir, "README.md"), "w") as f:
+        f.write(text)
 
 
 def log_validation(args, accelerator, unet, text_encoder, step):
@@ -482,6 +534,9 @@ def main(argv=None):
             save_adapter(accelerator.unwrap_model(text_encoder), os.path.join(args.output_dir, "text_encoder"))
         if tucker is not None:
             tucker_peft.save_rank_report(rank_history, tucker.ranks(), args.output_dir)
+            # the same deltas as exact LoRA factors: pipe.load_lora_weights(output_dir) loads them without tucker-peft
+            tucker_peft.export_lora(args.output_dir, args.output_dir, format="diffusers")
+        save_model_card(args, global_step, tucker.ranks() if tucker else None)
         with open(os.path.join(args.output_dir, "loss_history.txt"), "w") as f:
             f.write("\n".join(f"{x:.6f}" for x in loss_history) + "\n")
         if args.validation_prompt:
