@@ -77,6 +77,36 @@ def test_config_json_round_trip(tmp_path):
     assert (loaded.r, loaded.tau, loaded.rank_pattern, loaded.target_modules) == (4, 0.05, {"query": 2}, {"query"})
 
 
+def test_a_lora_configs_arguments_carry_over():
+    """LoraConfig(...)'s usual arguments work unchanged in TuckerLoraConfig(...): lora_alpha and lora_dropout are
+    alpha and dropout (not stored twice), bias='none', init_lora_weights=True/'gaussian', fan_in_fan_out on GPT-2;
+    LoRA-only choices are refused with the fix."""
+    from tucker_peft.layer import TuckerLayer
+
+    from .conftest import tiny_gpt2
+
+    lora_kwargs = dict(r=8, lora_alpha=16, lora_dropout=0.1, bias="none", init_lora_weights="gaussian")
+    cfg = TuckerLoraConfig(task_type="SEQ_CLS", target_modules=["query", "value"], **lora_kwargs)
+    assert (cfg.alpha, cfg.dropout, cfg.init_weights) == (16, 0.1, True)
+    assert "lora_alpha" not in cfg.to_dict() and cfg.to_dict()["alpha"] == 16
+    layers = [m for m in get_peft_model(tiny_bert(), cfg).modules() if isinstance(m, TuckerLayer)]
+    assert len(layers) == 4
+    assert all(m.scaling["default"] == 2.0 and m.tucker_dropout["default"].p == 0.1 for m in layers)
+    gpt2 = get_peft_model(tiny_gpt2(), TuckerLoraConfig(task_type="CAUSAL_LM", fan_in_fan_out=True, **lora_kwargs))
+    assert any(isinstance(m, TuckerLayer) for m in gpt2.modules())
+    assert TuckerLoraConfig(init_lora_weights=False).init_weights is False
+    for bad, message in (
+        (dict(bias="all"), "modules_to_save"),
+        (dict(use_rslora=True), "alpha / sqrt"),
+        (dict(use_dora=True), "DoRA"),
+        (dict(init_lora_weights="pissa"), "zero core"),
+        (dict(alpha=4.0, lora_alpha=16), "give one of them"),
+        (dict(lora_alpha=-1.0), "`alpha` must be a finite number > 0"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            TuckerLoraConfig(**bad)
+
+
 def test_unknown_target_module_is_refused_before_any_change():
     model = tiny_bert()
     with pytest.raises(ValueError, match=r"target_modules \['valeu'\] match no module.*query"):

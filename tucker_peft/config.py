@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Literal
 
 from peft.config import PeftConfig
@@ -47,6 +47,11 @@ class TuckerLoraConfig(PeftConfig):
 
     ``module_ranks`` records the current per-mode ranks of every adapted module.  It is filled in when the adapter
     is saved, so that loading rebuilds exactly the saved shapes; users normally leave it empty.
+
+    A ``LoraConfig``'s arguments carry over: ``lora_alpha`` and ``lora_dropout`` are taken as ``alpha`` and
+    ``dropout``, ``init_lora_weights=True`` or ``"gaussian"`` (a zero delta at creation, as here) as they are,
+    ``fan_in_fan_out`` as it is (transformers' ``Conv1D`` is recognized by its type); LoRA-only choices
+    (``bias`` other than ``"none"``, ``use_rslora``, ``use_dora``, other initializations) are refused with the fix.
     """
 
     r: int = field(default=8, metadata={"help": "Initial rank of every factorized mode (clipped to the layer size)."})
@@ -138,15 +143,58 @@ class TuckerLoraConfig(PeftConfig):
         default=None,
         metadata={"help": "Modules besides the adapters that are trained and saved, e.g. a classifier head."},
     )
+    # LoraConfig's names, so that a LoRA config carries over (read once, not stored; see the class docstring)
+    lora_alpha: InitVar[float | None] = None
+    lora_dropout: InitVar[float | None] = None
+    bias: InitVar[str] = "none"
+    init_lora_weights: InitVar[bool | str] = True
+    fan_in_fan_out: InitVar[bool] = False
+    use_rslora: InitVar[bool] = False
+    use_dora: InitVar[bool] = False
 
-    def __post_init__(self):
+    def __post_init__(self, lora_alpha, lora_dropout, bias, init_lora_weights, fan_in_fan_out, use_rslora, use_dora):
         super().__post_init__()
         self.peft_type = TUCKER_PEFT_TYPE
+        self._take_lora_arguments(lora_alpha, lora_dropout, bias, init_lora_weights, use_rslora, use_dora)
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
         self._validate()
+
+    def _take_lora_arguments(self, lora_alpha, lora_dropout, bias, init_lora_weights, use_rslora, use_dora) -> None:
+        for lora_name, name, value, default in (
+            ("lora_alpha", "alpha", lora_alpha, 8.0),
+            ("lora_dropout", "dropout", lora_dropout, 0.0),
+        ):
+            if value is None:
+                continue
+            if getattr(self, name) not in (default, value):
+                raise ValueError(
+                    f"`{lora_name}` is LoraConfig's name for `{name}`: give one of them; got {name}="
+                    f"{getattr(self, name)!r} and {lora_name}={value!r}."
+                )
+            setattr(self, name, value)
+        if bias != "none":
+            raise ValueError(
+                f"bias={bias!r}: Tucker adapters add no bias terms (bias='none'); to train biases too, list their "
+                "modules in modules_to_save."
+            )
+        if init_lora_weights not in (True, "gaussian", False):
+            raise ValueError(
+                f"init_lora_weights={init_lora_weights!r} is a LoRA initialization: a Tucker adapter starts with a zero "
+                "core on orthonormal bases (init_lora_weights=True or 'gaussian', the default), and its ranks adapt "
+                "during training."
+            )
+        if init_lora_weights is False:
+            self.init_weights = False
+        if use_rslora:
+            raise ValueError(
+                "use_rslora=True: the Tucker adapter's scale is alpha / r (fixed at creation); for rsLoRA's scale "
+                "alpha / sqrt(r) set alpha to alpha * sqrt(r)."
+            )
+        if use_dora:
+            raise ValueError("use_dora=True: DoRA is a LoRA variant that Tucker adapters do not implement.")
 
     def _validate(self) -> None:
         def positive_int(name: str, value) -> None:
