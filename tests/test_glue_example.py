@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
@@ -88,6 +89,46 @@ def test_run_glue_regression_task(tmp_path, tiny_model_dir):
     result = run_glue.main(args.split())
     assert result["metric"] == "pearson" and -1.0 <= result["value"] <= 1.0
     assert "eval_spearmanr" in result["eval_metrics"]
+
+
+def _unlabelled(folder, name):
+    """``name``'s rows without their label column, as GLUE's test files are (an ``index`` column first); the
+    labels, to check the predictions against."""
+    header, *rows = [line.split("\t") for line in (folder / name).read_text().splitlines()]
+    (folder / "test.tsv").write_text(
+        "\n".join(
+            "\t".join(["index", *header[:-1]] if i < 0 else [str(i), *r[:-1]])
+            for i, r in enumerate([header, *rows], -1)
+        )
+        + "\n"
+    )
+    return [r[-1] for r in rows]
+
+
+@pytest.mark.parametrize("task", ["sst2", "stsb"])
+def test_do_predict_writes_the_test_predictions(tmp_path, tiny_model_dir, task):
+    """--do_predict --test_file (transformers' flags): the dev set without labels as the test file gives
+    predict_results_<task>.txt, whose class predictions score exactly what the evaluation reported."""
+    _write_data(tmp_path, regression=task == "stsb")
+    labels = _unlabelled(tmp_path, "dev.tsv")
+    args = (
+        f"--model_name_or_path {tiny_model_dir} --task_name {task} --train_file {tmp_path / 'train.tsv'} "
+        f"--validation_file {tmp_path / 'dev.tsv'} --test_file {tmp_path / 'test.tsv'} --do_train --do_eval "
+        f"--do_predict --output_dir {tmp_path / 'out'} --max_steps 12 --per_device_train_batch_size 8 "
+        "--learning_rate 1e-2 --report_to none --save_strategy no --use_cpu --seed 0 --disable_tqdm true "
+        "--ignore_mismatched_sizes true"
+    )
+    result = run_glue.main(args.split())
+    lines = (tmp_path / "out" / f"predict_results_{task}.txt").read_text().splitlines()
+    assert lines[0] == "index\tprediction" and len(lines) == 1 + len(labels)
+    rows = [line.split("\t") for line in lines[1:]]
+    assert [int(i) for i, _ in rows] == list(range(len(labels)))
+    if task == "sst2":
+        assert {p for _, p in rows} <= {"0", "1"}
+        accuracy = np.mean([p == y for (_, p), y in zip(rows, labels)])
+        assert accuracy == pytest.approx(result["value"])
+    else:  # scores with 3 decimals, as transformers writes them (too coarse to recompute this tiny model's Pearson)
+        assert all(len(p.split(".")[1]) == 3 and math.isfinite(float(p)) for _, p in rows)
 
 
 def _glue_layout_files(folder, task):
@@ -285,7 +326,7 @@ def test_bad_arguments_are_refused(tmp_path):
         ("--direction adamw", "`direction` must be 'adam' or 'sgd'"),
         ("--adaptive_scale big", "--adaptive_scale must be 'auto' or a number"),
         ("--rank_interval 0", "`rank_interval` must be an integer >= 1"),
-        ("--do_predict", "--do_predict is not supported"),  # transformers' flags it would otherwise ignore
+        ("--do_predict", "--do_predict predicts --test_file"),
     ):
         with pytest.raises(ValueError, match=message):
             run_glue.main(f"{common} {flag}".split())

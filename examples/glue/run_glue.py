@@ -79,6 +79,9 @@ class DataTrainingArguments:
     task_name: str | None = field(default=None, metadata={"help": f"GLUE task: {', '.join(TASK_TO_KEYS)}."})
     train_file: str | None = field(default=None, metadata={"help": "Training data: csv, tsv, json or parquet."})
     validation_file: str | None = field(default=None, metadata={"help": "Validation data, same formats."})
+    test_file: str | None = field(
+        default=None, metadata={"help": "Data to predict with --do_predict (no labels needed), same formats."}
+    )
     max_seq_length: int = field(default=128, metadata={"help": "Longer inputs are truncated."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use the first N validation rows."})
@@ -93,7 +96,7 @@ class DataTrainingArguments:
                 raise ValueError(f"Unknown task {self.task_name!r}; choose one of {list(TASK_TO_KEYS)}.")
         elif self.train_file is None or self.validation_file is None:
             raise ValueError("Pass --task_name, or --train_file and --validation_file (or both).")
-        for path in (self.train_file, self.validation_file):
+        for path in (self.train_file, self.validation_file, self.test_file):
             if path is not None and path.rsplit(".", 1)[-1] not in ("csv", "tsv", "json", "jsonl", "parquet"):
                 raise ValueError(f"{path}: data files must be csv, tsv, json(l) or parquet.")
 
@@ -180,27 +183,34 @@ def load_data(data_args: DataTrainingArguments, cache_dir: str | None = None):
     task = data_args.task_name
     if data_args.train_file is None:
         return load_dataset("nyu-mll/glue", task, cache_dir=cache_dir)
-    files = {"train": data_args.train_file, "validation": data_args.validation_file}
-    extension = data_args.train_file.rsplit(".", 1)[-1]
-    if extension in ("csv", "tsv"):
-        kwargs = {"delimiter": "\t" if extension == "tsv" else ",", "quoting": 3, "encoding": "utf-8-sig"}
-        if task in HEADERLESS_COLUMNS and not _has_header(data_args.train_file, kwargs["delimiter"], task):
-            kwargs["column_names"] = HEADERLESS_COLUMNS[task]
-        raw = load_dataset("csv", data_files=files, cache_dir=cache_dir, **kwargs)
-    else:
-        raw = load_dataset(
-            "json" if extension.startswith("json") else extension, data_files=files, cache_dir=cache_dir
-        )
+
+    def read(files: dict[str, str]):
+        path = next(iter(files.values()))
+        extension = path.rsplit(".", 1)[-1]
+        if extension in ("csv", "tsv"):
+            kwargs = {"delimiter": "\t" if extension == "tsv" else ",", "quoting": 3, "encoding": "utf-8-sig"}
+            if task in HEADERLESS_COLUMNS and not _has_header(path, kwargs["delimiter"], task):
+                kwargs["column_names"] = HEADERLESS_COLUMNS[task]
+            raw = load_dataset("csv", data_files=files, cache_dir=cache_dir, **kwargs)
+        else:
+            raw = load_dataset(
+                "json" if extension.startswith("json") else extension, data_files=files, cache_dir=cache_dir
+            )
+        columns = next(iter(raw.values())).column_names
+        aliases = RAW_COLUMN_ALIASES | TASK_COLUMN_ALIASES.get(task, {})
+        renames = {k: v for k, v in aliases.items() if k in columns and v not in columns}
+        if data_args.label_key != "label" and data_args.label_key in columns:
+            renames[data_args.label_key] = "label"
+        return raw.rename_columns(renames) if renames else raw
+
+    raw = read({"train": data_args.train_file, "validation": data_args.validation_file})
     columns = raw["train"].column_names
-    aliases = RAW_COLUMN_ALIASES | TASK_COLUMN_ALIASES.get(task, {})
-    renames = {k: v for k, v in aliases.items() if k in columns and v not in columns}
-    if data_args.label_key != "label" and data_args.label_key in columns:
-        renames[data_args.label_key] = "label"
-    raw = raw.rename_columns(renames) if renames else raw
     if "label" not in raw["train"].column_names:
         raise ValueError(f"{data_args.train_file} has no label column (columns: {columns}); name it with --label_key.")
     if raw["train"].features["label"].dtype in ("string", "large_string"):
         raw = _encode_labels(raw, LABEL_NAMES.get(task), data_args.train_file)
+    if data_args.test_file:  # (its labels, if any, are not used)
+        raw["test"] = read({"test": data_args.test_file})["test"]
     return raw
 
 
@@ -340,6 +350,24 @@ def build_model(model_args: ModelArguments, num_labels: int, total_steps: int):
     return get_peft_model(model, config)
 
 
+def predict(trainer: Trainer, raw, task: str | None, label, is_regression: bool, tokenize) -> str:
+    """``--do_predict``: the test split's predictions in ``output_dir/predict_results_<task>.txt`` (``index`` and
+    ``prediction``: class names, or scores for a regression), as transformers' run_glue.py writes them."""
+    test = raw["test_matched" if "test_matched" in raw else "test"]  # MNLI from the Hub: the matched test set
+    test = test.map(tokenize, batched=True, remove_columns=test.column_names, desc="Tokenizing the test set")
+    output = trainer.predict(test).predictions
+    predictions = np.squeeze(output, axis=-1) if is_regression else np.argmax(output, axis=1)
+    names = label.names if isinstance(label, datasets.ClassLabel) else None
+    path = os.path.join(trainer.args.output_dir, f"predict_results_{task or 'test'}.txt")
+    if trainer.is_world_process_zero():
+        with open(path, "w") as f:
+            f.write("index\tprediction\n")
+            for i, p in enumerate(predictions):
+                f.write(f"{i}\t{p:3.3f}\n" if is_regression else f"{i}\t{names[p] if names else p}\n")
+        logger.info("Wrote the test predictions to %s", path)
+    return path
+
+
 def main(argv: list[str] | None = None, extra_callbacks: list[TrainerCallback] | None = None) -> dict:
     """Train and evaluate; ``extra_callbacks`` go to the ``Trainer`` after the method's own (benchmarks measure with
     them)."""
@@ -348,11 +376,11 @@ def main(argv: list[str] | None = None, extra_callbacks: list[TrainerCallback] |
         model_args, data_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
     else:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    # it always trains, then evaluates on the validation set (transformers' --do_train / --do_eval are accepted)
-    if training_args.do_predict:
+    # it always trains, then evaluates on the validation set (transformers' --do_train / --do_eval are accepted),
+    # and with --do_predict predicts the test set
+    if training_args.do_predict and data_args.train_file and not data_args.test_file:
         raise ValueError(
-            "--do_predict is not supported by run_glue.py (it trains, then evaluates on --validation_file): predict "
-            "with the saved adapter, e.g. Trainer(model=PeftModel.from_pretrained(base, output_dir)).predict(test)."
+            "--do_predict predicts --test_file: pass it (the Hub's GLUE test sets come with --task_name)."
         )
     callbacks = []
     if model_args.method == "tucker":  # the adapter's settings are checked before any data or model is loaded
@@ -379,18 +407,20 @@ def main(argv: list[str] | None = None, extra_callbacks: list[TrainerCallback] |
     key1, key2 = TASK_TO_KEYS.get(task, (None, None))
     key1 = data_args.sentence1_key or key1 or "sentence"
     key2 = data_args.sentence2_key or key2
-    missing = [k for k in (key1, key2) if k is not None and k not in raw["train"].column_names]
-    if missing:
-        raise ValueError(
-            f"text column(s) {missing} not in the data (columns: {raw['train'].column_names}); name them with "
-            "--sentence1_key / --sentence2_key."
-        )
+    for split in ("train", "test") if training_args.do_predict and "test" in raw else ("train",):
+        missing = [k for k in (key1, key2) if k is not None and k not in raw[split].column_names]
+        if missing:
+            raise ValueError(
+                f"text column(s) {missing} not in the data (the {split} split's columns: {raw[split].column_names}); "
+                "name them with --sentence1_key / --sentence2_key."
+            )
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
 
-    def tokenize(batch):
+    def tokenize(batch, labels: bool = True):
         texts = (batch[key1],) if key2 is None else (batch[key1], batch[key2])
         out = tokenizer(*texts, truncation=True, max_length=data_args.max_seq_length)
-        out["labels"] = [float(x) for x in batch["label"]] if is_regression else batch["label"]
+        if labels:
+            out["labels"] = [float(x) for x in batch["label"]] if is_regression else batch["label"]
         return out
 
     train = raw["train"]
@@ -444,6 +474,8 @@ def main(argv: list[str] | None = None, extra_callbacks: list[TrainerCallback] |
     metrics = trainer.evaluate()
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)
+    if training_args.do_predict:
+        predict(trainer, raw, task, label, is_regression, lambda batch: tokenize(batch, labels=False))
     end = adapter_summary(model, model_args.method)
 
     main_metric = MAIN_METRIC.get(task, "accuracy")
