@@ -328,6 +328,14 @@ def test_multiple_adapters_add_switch_delete():
     # only the active adapter trains
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any(".other" in n for n in trainable) and not any(".default" in n for n in trainable)
+    # both active: the deltas add (what the error of LoRA's add_weighted_adapter points to)
+    with pytest.raises(NotImplementedError, match=r"set_adapter\(\['a', 'b'\]\)"):
+        model.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mix")
+    model.base_model.set_adapter(["default", "other"])
+    with torch.no_grad():
+        both = base(x) + x @ (tucker.get_delta_weight("default") + tucker.get_delta_weight("other")).T
+        torch.testing.assert_close(model(x), both, atol=1e-5, rtol=1e-5)
+    model.set_adapter("other")
     model.delete_adapter("default")
     assert "default" not in tucker.tucker_core and "default" not in tucker.scaling
     with torch.no_grad():

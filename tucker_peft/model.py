@@ -56,6 +56,16 @@ class TuckerLoraModel(BaseTuner):
     tuner_layer_cls = TuckerLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_TUCKER_TARGET_MODULES_MAPPING
 
+    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
+        """PEFT's ``add_weighted_adapter`` builds a LoRA adapter; for Tucker adapters the error names the ways to
+        combine them (without this method, PEFT forwards the call to the base model: an AttributeError)."""
+        raise NotImplementedError(
+            "add_weighted_adapter is LoRA's and not implemented for Tucker adapters. Their deltas add when several "
+            "are active: model.base_model.set_adapter(['a', 'b']) (not with modules_to_save, as for LoRA), and "
+            "model.merge_and_unload(adapter_names=['a', 'b']) folds them into the weights; diffusers' "
+            "set_adapters(['a', 'b'], weights=[...]) weights them."
+        )
+
     # ------------------------------------------------------------------------------------------------------------
     # Mixed-adapter batches at inference: model(**batch, adapter_names=[...]), one adapter name per row, as in LoRA
     @contextmanager
