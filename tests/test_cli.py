@@ -41,6 +41,27 @@ def test_inspect_reports_ranks_and_compression(tmp_path, capsys):
     assert "bert.encoder.layer.1.output.dense" in text and f"LoRA of rank {lora_r}" in text
 
 
+def test_inspect_reads_a_dreambooth_output(tmp_path, capsys):
+    """A DreamBooth output (unet/, text_encoder/ as the example writes them): one report per part."""
+    from peft import inject_adapter_in_model
+
+    from .conftest import tiny_gpt2
+
+    unet = inject_adapter_in_model(TuckerLoraConfig(target_modules=["c_attn"], r=3), tiny_gpt2())
+    text = inject_adapter_in_model(TuckerLoraConfig(target_modules=["query"], r=2), tiny_bert())
+    for part, module in (("unet", unet), ("text_encoder", text)):
+        tucker_peft.save_adapter(module, str(tmp_path / "out" / part))
+    assert main(["inspect", str(tmp_path / "out"), "--json"]) == 0
+    reports = json.loads(capsys.readouterr().out)
+    assert {part: {tuple(layer["ranks"]) for layer in r["layers"]} for part, r in reports.items()} == {
+        "unet": {(3, 3)},
+        "text_encoder": {(2, 2)},
+    }
+    assert main(["inspect", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "transformer.h.1.attn.c_attn" in printed and "bert.encoder.layer.1.attention.self.query" in printed
+
+
 def test_export_and_compress_commands(tmp_path, capsys):
     _saved_adapter(tmp_path)
     assert main(["export", str(tmp_path / "tucker"), str(tmp_path / "kohya"), "--format", "kohya"]) == 0

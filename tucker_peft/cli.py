@@ -13,7 +13,7 @@ import math
 import os
 import sys
 
-from .export import FORMATS, export_lora, from_lora, read_tucker_adapter
+from .export import FORMATS, _pipeline_parts, export_lora, from_lora, read_tucker_adapter
 
 
 def inspect_adapter(directory: str) -> dict:
@@ -61,7 +61,8 @@ def inspect_adapter(directory: str) -> dict:
 
 
 def _print_inspection(report: dict) -> None:
-    print(f"{report['directory']}: Tucker adapter (r={report['r']}, tau={report['tau']}) of {report['base_model']}")
+    base = f" of {report['base_model']}" if report["base_model"] else ""
+    print(f"{report['directory']}: Tucker adapter (r={report['r']}, tau={report['tau']}){base}")
     width = max(len(layer["module"]) for layer in report["layers"])
     print(
         f"{'module':<{width}}  {'ranks':<14} {'params':>9} {'LoRA r=' + str(report['lora_max_rank']):>12} {'dense':>11}"
@@ -89,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tucker-peft", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("inspect", help="per-layer ranks, parameters and compression of a saved Tucker adapter")
-    p.add_argument("directory", help="a folder written by save_pretrained / tucker_peft.save_adapter")
+    p.add_argument(
+        "directory", help="a folder written by save_pretrained / tucker_peft.save_adapter, or a DreamBooth output"
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p = commands.add_parser("export", help="write a saved Tucker adapter as a LoRA adapter (exact)")
     p.add_argument("directory", help="a saved Tucker adapter, or a DreamBooth output with unet/ (text_encoder/)")
@@ -103,11 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "inspect":
-            report = inspect_adapter(args.directory)
+            parts = _pipeline_parts(args.directory)  # a DreamBooth output: one report per part (unet, text_encoder)
+            reports = {part: inspect_adapter(folder) for part, folder in parts.items()}
+            reports = reports or {None: inspect_adapter(args.directory)}
             if args.json:
-                print(json.dumps(report, indent=1))
+                print(json.dumps(reports[None] if None in reports else reports, indent=1))
             else:
-                _print_inspection(report)
+                for report in reports.values():
+                    _print_inspection(report)
         elif args.command == "export":
             export_lora(args.directory, args.output_dir, args.format)
             print(f"wrote a {args.format} LoRA adapter to {args.output_dir}")
