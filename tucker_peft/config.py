@@ -163,13 +163,10 @@ class TuckerLoraConfig(PeftConfig):
         self._validate()
 
     def _take_lora_arguments(self, lora_alpha, lora_dropout, bias, init_lora_weights, use_rslora, use_dora) -> None:
-        for lora_name, name, value, default in (
-            ("lora_alpha", "alpha", lora_alpha, 8.0),
-            ("lora_dropout", "dropout", lora_dropout, 0.0),
-        ):
+        for lora_name, name, value in (("lora_alpha", "alpha", lora_alpha), ("lora_dropout", "dropout", lora_dropout)):
             if value is None:
                 continue
-            if getattr(self, name) not in (default, value):
+            if getattr(self, name) not in (self.__dataclass_fields__[name].default, value):
                 raise ValueError(
                     f"`{lora_name}` is LoraConfig's name for `{name}`: give one of them; got {name}="
                     f"{getattr(self, name)!r} and {lora_name}={value!r}."

@@ -16,6 +16,7 @@ adapter, ``results.json`` and, for tucker, ``tucker_ranks.json`` / ``tucker_rank
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -475,7 +476,7 @@ def main(argv: list[str] | None = None, extra_callbacks: list[TrainerCallback] |
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)
     if training_args.do_predict:
-        predict(trainer, raw, task, label, is_regression, lambda batch: tokenize(batch, labels=False))
+        predict(trainer, raw, task, label, is_regression, functools.partial(tokenize, labels=False))
     end = adapter_summary(model, model_args.method)
 
     main_metric = MAIN_METRIC.get(task, "accuracy")
