@@ -328,9 +328,7 @@ def test_multiple_adapters_add_switch_delete():
     # only the active adapter trains
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any(".other" in n for n in trainable) and not any(".default" in n for n in trainable)
-    # both active: the deltas add (what the error of LoRA's add_weighted_adapter points to)
-    with pytest.raises(NotImplementedError, match=r"set_adapter\(\['a', 'b'\]\)"):
-        model.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mix")
+    # both active: the deltas add
     model.base_model.set_adapter(["default", "other"])
     with torch.no_grad():
         both = base(x) + x @ (tucker.get_delta_weight("default") + tucker.get_delta_weight("other")).T
@@ -340,6 +338,58 @@ def test_multiple_adapters_add_switch_delete():
     assert "default" not in tucker.tucker_core and "default" not in tucker.scaling
     with torch.no_grad():
         torch.testing.assert_close(model(x), y_other)
+
+
+@pytest.mark.parametrize("case", ["linear", "conv2d", "conv2d_full"])
+def test_add_weighted_adapter_is_the_weighted_sum_of_the_deltas(case, tmp_path):
+    """PEFT's add_weighted_adapter: "cat" gives exactly w_1 dW_1 + w_2 dW_2 (adapters of other ranks and scales),
+    "svd" that sum truncated to svd_rank (for a Linear: the best rank-k approximation); the new adapter is inactive,
+    frozen, and saves and reloads with its ranks."""
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    layer = nn.Linear(12, 10) if case == "linear" else nn.Conv2d(6, 8, 3, padding=1)
+    base = Net(layer)
+    mode = {"conv_mode": "full"} if case == "conv2d_full" else {}
+    model = get_peft_model(
+        copy.deepcopy(base), TuckerLoraConfig(target_modules=["layer"], r=3, init_weights=False, **mode)
+    )
+    model.add_adapter("other", TuckerLoraConfig(target_modules=["layer"], r=2, alpha=5.0, init_weights=False, **mode))
+    tucker = model.base_model.model.layer
+    expected = 0.7 * tucker.get_delta_weight("default") - 1.3 * tucker.get_delta_weight("other")
+    model.add_weighted_adapter(["default", "other"], [0.7, -1.3], "mix", combination_type="cat")
+    torch.testing.assert_close(tucker.get_delta_weight("mix"), expected, atol=1e-5, rtol=1e-5)
+    assert model.active_adapters == ["default"] and not any(p.requires_grad for p in tucker.factors("mix"))
+    if case == "linear":
+        assert tucker.ranks("mix") == (5, 5)
+        model.add_weighted_adapter(["default", "other"], [0.7, -1.3], "best2", svd_rank=2)
+        u, s, vh = torch.linalg.svd(expected)
+        torch.testing.assert_close(tucker.get_delta_weight("best2"), u[:, :2] * s[:2] @ vh[:2], atol=1e-5, rtol=1e-5)
+        assert tucker.ranks("best2") == (2, 2)
+    x = torch.randn(2, 12) if case == "linear" else torch.randn(2, 6, 5, 5)
+    model.set_adapter("mix")
+    with torch.no_grad():
+        y = model(x)
+    model.save_pretrained(tmp_path, selected_adapters=["mix"])
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "mix")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), y)
+    for kwargs, error in (
+        (dict(adapters=["default", "nope"], weights=[1.0, 1.0], adapter_name="z"), "not Tucker adapters"),
+        (dict(adapters=["default"], weights=[1.0, 2.0], adapter_name="z"), "one weight each"),
+        (dict(adapters=["default"], weights=[1.0], adapter_name="mix"), "exists already"),
+        (dict(adapters=["default"], weights=[1.0], adapter_name="z", svd_rank=0), "svd_rank"),
+    ):
+        with pytest.raises(ValueError, match=error):
+            model.add_weighted_adapter(**kwargs)
+    with pytest.raises(NotImplementedError, match="'cat'.*'svd'"):
+        model.add_weighted_adapter(["default"], [1.0], "z", combination_type="ties")
+    assert "z" not in model.peft_config
+    if case == "linear":  # a head in modules_to_save has no weighted sum (as for LoRA)
+        classifier = get_peft_model(tiny_bert(), TuckerLoraConfig(task_type="SEQ_CLS", r=2))
+        classifier.add_adapter("b", TuckerLoraConfig(task_type="SEQ_CLS", r=2))
+        with pytest.raises(ValueError, match="without modules_to_save"):
+            classifier.add_weighted_adapter(["default", "b"], [0.5, 0.5], "mix")
 
 
 def test_print_trainable_parameters_matches_hand_count(capsys):

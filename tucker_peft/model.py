@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
@@ -15,6 +17,7 @@ from torch import nn
 
 from .config import TuckerLoraConfig
 from .layer import TuckerLayer, dispatch, unsupported_message, unsupported_reason
+from .tensor_ops import weighted_tucker_sum
 
 #: Default targets per transformers ``model_type``: attention and feed-forward projections where we know the names,
 #: LoRA's defaults otherwise.
@@ -56,15 +59,71 @@ class TuckerLoraModel(BaseTuner):
     tuner_layer_cls = TuckerLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_TUCKER_TARGET_MODULES_MAPPING
 
-    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
-        """PEFT's ``add_weighted_adapter`` builds a LoRA adapter; for Tucker adapters the error names the ways to
-        combine them (without this method, PEFT forwards the call to the base model: an AttributeError)."""
-        raise NotImplementedError(
-            "add_weighted_adapter is LoRA's and not implemented for Tucker adapters. Their deltas add when several "
-            "are active: model.base_model.set_adapter(['a', 'b']) (not with modules_to_save, as for LoRA), and "
-            "model.merge_and_unload(adapter_names=['a', 'b']) folds them into the weights; diffusers' "
-            "set_adapters(['a', 'b'], weights=[...]) weights them."
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+    ) -> None:
+        """A new adapter ``adapter_name`` whose delta is ``sum_k weights[k] * delta_k`` of the Tucker ``adapters``, as
+        PEFT's LoRA method of the same name builds one (the new adapter is not made active: ``set_adapter``).
+
+        ``combination_type="cat"``: that sum exactly (per mode the bases are concatenated and re-orthonormalized,
+        the weighted cores form a block core; directions at round-off are dropped).  ``"svd"`` (LoRA's default): the
+        sum truncated to ``svd_rank`` per mode (default: the largest ``r`` of the adapters) by a HOSVD of its core,
+        for linear layers the best approximation of that rank.  The adapters must adapt the same modules in the same
+        ``conv_mode`` and have no ``modules_to_save``.
+        """
+        if combination_type not in ("cat", "svd"):
+            raise NotImplementedError(
+                f"combination_type={combination_type!r}: Tucker adapters combine by 'cat' (the exact weighted sum) or "
+                "'svd' (the sum truncated to svd_rank per mode); LoRA's other combinations are not implemented."
+            )
+        if adapter_name in self.peft_config:
+            raise ValueError(f"An adapter named {adapter_name!r} exists already; choose another adapter_name.")
+        unknown = [a for a in adapters if not isinstance(self.peft_config.get(a), TuckerLoraConfig)]
+        finite = all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights)
+        if not adapters or unknown or len(weights) != len(adapters) or not finite:
+            raise ValueError(
+                f"add_weighted_adapter needs existing Tucker adapters and one weight each; got adapters={adapters} "
+                f"(not Tucker adapters of this model: {unknown}) and weights={weights} (finite numbers)."
+            )
+        configs = [self.peft_config[a] for a in adapters]
+        if any(c.modules_to_save for c in configs) or len({c.conv_mode for c in configs}) > 1:
+            raise ValueError(
+                "add_weighted_adapter combines adapters without modules_to_save and of one conv_mode (as LoRA's); "
+                f"got modules_to_save {[c.modules_to_save for c in configs]}, conv_mode {[c.conv_mode for c in configs]}."
+            )
+        layers = {a: dict(iter_tucker_layers(self.model, a)) for a in adapters}
+        if any(layers[a].keys() != layers[adapters[0]].keys() for a in adapters):
+            raise ValueError("add_weighted_adapter needs adapters on the same modules; these adapt different ones.")
+        if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1):
+            raise ValueError(f"`svd_rank` must be an integer >= 1 or None; got {svd_rank!r}.")
+        limit = None if combination_type == "cat" else svd_rank or max(c.r for c in configs)
+        sums = {}
+        for name, layer in layers[adapters[0]].items():
+            sums[name] = weighted_tucker_sum(
+                [layer.core(a) for a in adapters],
+                [layer.factors(a) for a in adapters],
+                [w * layer.scaling[a] for w, a in zip(weights, adapters)],
+                limit,
+            )
+        ranks = {name: [u.shape[1] for u in factors] for name, (_, factors) in sums.items()}
+        top = max(r for rs in ranks.values() for r in rs)
+        self.peft_config[adapter_name] = dataclasses.replace(
+            configs[0], module_ranks=ranks, max_rank=max(configs[0].max_rank, top), init_weights=True
         )
+        self.inject_adapter(self.model, adapter_name)
+        for name, layer in iter_tucker_layers(self.model, adapter_name):
+            core, factors = sums[name]
+            like = layer.core(adapter_name)
+            layer.set_factors(
+                adapter_name,
+                (core / layer.scaling[adapter_name]).to(like.dtype),
+                [u.to(like.dtype) for u in factors],
+            )
 
     # ------------------------------------------------------------------------------------------------------------
     # Mixed-adapter batches at inference: model(**batch, adapter_names=[...]), one adapter name per row, as in LoRA

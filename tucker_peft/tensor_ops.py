@@ -23,6 +23,7 @@ __all__ = [
     "tucker_to_tensor",
     "unfold",
     "valid_tucker_ranks",
+    "weighted_tucker_sum",
 ]
 
 
@@ -81,6 +82,37 @@ def valid_tucker_ranks(ranks: Sequence[int], dense_sizes: Sequence[int] = ()) ->
                 ranks[i] = bound
                 changed = True
     return ranks
+
+
+def weighted_tucker_sum(
+    cores: Sequence[torch.Tensor],
+    factor_lists: Sequence[Sequence[torch.Tensor]],
+    weights: Sequence[float],
+    max_rank: int | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``sum_k weights[k] * (cores[k] x_0 U_0^k x_1 U_1^k ...)`` as one Tucker tensor, in float64.
+
+    Each mode's bases are concatenated and orthonormalized (``[U_i^1, U_i^2, ...] = Q_i R_i``), the weighted cores
+    placed as diagonal blocks and multiplied by the ``R_i``; a HOSVD of that core then keeps the directions above
+    round-off (``1e-10`` of the largest singular value of each unfolding), at most ``max_rank`` per mode.  Without
+    ``max_rank`` the result is the sum (to round-off); with it, a truncation (for matrices the best of that rank)."""
+    d = len(factor_lists[0])
+    work = torch.float64
+    qs, rs = zip(*(torch.linalg.qr(torch.cat([f[i].to(work) for f in factor_lists], dim=1)) for i in range(d)))
+    widths = [sum(f[i].shape[1] for f in factor_lists) for i in range(d)]
+    block = torch.zeros((*widths, *cores[0].shape[d:]), dtype=work, device=cores[0].device)
+    offsets = [0] * d
+    for core, weight in zip(cores, weights):
+        block[tuple(slice(o, o + r) for o, r in zip(offsets, core.shape[:d]))] = weight * core.to(work)
+        offsets = [o + r for o, r in zip(offsets, core.shape[:d])]
+    core = multi_mode_dot(block, rs, range(d))
+    kept = []
+    for i in range(d):
+        u, sigma, _ = torch.linalg.svd(unfold(core, i), full_matrices=False)
+        count = int((sigma > 1e-10 * sigma[0]).sum()) if sigma[0] > 0 else 1
+        kept.append(u[:, : max(1, min(count, max_rank or count))])
+    core = multi_mode_dot(core, [u.T for u in kept], range(d))
+    return core, [q @ u for q, u in zip(qs, kept)]
 
 
 # Batched forms: a leading batch dimension B (layers of equal shapes updated together)
