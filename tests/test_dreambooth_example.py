@@ -189,3 +189,22 @@ def test_dreambooth_takes_diffusers_epoch_checkpoint_and_optimizer_flags(tiny_pi
     assert group["lr"] == pytest.approx(1e-7 + (2e-2 - 1e-7) * (1 - 4 / 6) ** 2)  # polynomial, power 2, at step 4
     update = state["tucker_peft"]["param_groups"]  # the geometric update's state, saved with the optimizer
     assert update and all(g["betas"] == (0.8, 0.99) and g["eps"] == 1e-6 for g in update)
+
+
+@pytest.mark.slow
+def test_dreambooth_prior_preservation_adds_the_weighted_class_loss(tiny_pipeline, tmp_path):
+    """--with_prior_preservation: the missing class images are generated with the pipeline (once), every batch
+    carries instance and class images, and the loss is the instance loss + prior_loss_weight x the class loss: with
+    the class images in place, the first step's loss (same batch, same noise) is affine in the weight."""
+    classes = tmp_path / "class"
+    prior = f"--with_prior_preservation --class_data_dir {classes} --class_prompt a_dog --num_class_images 3 "
+    prior += "--sample_batch_size 2 --validation_prompt a_sks_dog"
+    _train(tiny_pipeline, tmp_path / "generate", steps=1, extra=prior)
+    assert sorted(p.name for p in classes.iterdir()) == ["class-00000.png", "class-00001.png", "class-00002.png"]
+    first = {}
+    for weight in (0.0, 1.0, 2.0):
+        result = _train(tiny_pipeline, tmp_path / f"w{weight}", steps=1, extra=f"{prior} --prior_loss_weight {weight}")
+        first[weight] = result["loss_history"][0]
+    assert len(list(classes.iterdir())) == 3  # not generated again
+    assert first[1.0] - first[0.0] > 0.1  # the class images' loss
+    assert first[2.0] - first[1.0] == pytest.approx(first[1.0] - first[0.0], rel=1e-5)
