@@ -10,7 +10,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+from transformers import (
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+    BertTokenizerFast,
+)
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples", "glue"))
 import run_glue  # noqa: E402
@@ -50,7 +55,7 @@ def _write_data(folder, regression=False):
         (folder / name).write_text(header + "\n" + "\n".join("\t".join(r) for r in part) + "\n")
 
 
-@pytest.mark.parametrize("method", ["tucker", "lora", "adalora"])
+@pytest.mark.parametrize("method", ["tucker", "lora", "adalora", "full"])
 def test_run_glue_end_to_end(tmp_path, tiny_model_dir, method, capsys):
     _write_data(tmp_path)
     out = tmp_path / "out"
@@ -65,8 +70,13 @@ def test_run_glue_end_to_end(tmp_path, tiny_model_dir, method, capsys):
     assert f"| sst2 | {method} | accuracy | {result['value']:.4f} |" in printed
     saved = json.loads((out / "results.json").read_text())
     assert saved["method"] == method and 0.0 <= saved["value"] <= 1.0 and saved["steps"] == 12
-    assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
     assert saved["trainable_params_start"] > 0 and saved["trainable_params_end"] > 0
+    if method == "full":  # every weight trains; the whole model is saved
+        assert (out / "model.safetensors").exists() and saved["ranks"] is None
+        trained = AutoModelForSequenceClassification.from_pretrained(out)
+        assert saved["trainable_params_start"] == sum(p.numel() for p in trained.parameters())
+        return
+    assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
     if method == "tucker":
         assert (out / "tucker_ranks.json").exists() and (out / "tucker_ranks.png").exists()
         assert saved["trainable_params_end"] < saved["trainable_params_start"]  # ranks shrank from 4
