@@ -151,18 +151,21 @@ class TuckerLoraModel(BaseTuner):
                 f"{sorted(known)} (and '__base__' for no adapter)."
             )
         names, handles = list(adapter_names), []
+
+        def route(root: nn.Module, names: list[str]) -> None:
+            for module in root.modules():
+                if isinstance(module, (TuckerLayer, AuxiliaryTrainingWrapper)):
+                    hook = partial(_pass_adapter_names, names)
+                    handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
         num_beams = kwargs.get("num_beams")
         if isinstance(num_beams, int) and num_beams > 1:  # generate() repeats every input num_beams times
             names = [name for name in adapter_names for _ in range(num_beams)]
-        for module in self.model.modules():
-            if isinstance(module, (TuckerLayer, AuxiliaryTrainingWrapper)):
-                handles.append(module.register_forward_pre_hook(partial(_pass_adapter_names, names), with_kwargs=True))
+        route(self.model, names)
         encoder = self.model.get_encoder() if hasattr(self.model, "get_encoder") else None
         if names != list(adapter_names) and encoder is not None and encoder is not self.model:
-            for module in encoder.modules():  # the encoder runs once per input, not per beam
-                if isinstance(module, (TuckerLayer, AuxiliaryTrainingWrapper)):
-                    hook = partial(_pass_adapter_names, list(adapter_names))
-                    handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            # the encoder runs once per input, not per beam: its hooks, registered later, override the names
+            route(encoder, list(adapter_names))
         try:
             yield
         finally:
