@@ -99,6 +99,41 @@ def test_bf16_autocast_training(tmp_path):
     assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
 
 
+def test_autocast_adapter_dtype_false_trains_factors_in_the_base_dtype(tmp_path):
+    from peft import LoraConfig, PeftModel
+
+    base = reproducible_bert().to(torch.bfloat16)
+    lora = get_peft_model(copy.deepcopy(base), LoraConfig(task_type="SEQ_CLS", r=6), autocast_adapter_dtype=False)
+    assert {p.dtype for n, p in lora.named_parameters() if "lora_" in n} == {torch.bfloat16}
+    model = get_peft_model(
+        copy.deepcopy(base), TuckerLoraConfig(task_type="SEQ_CLS", r=6, tau=0.1), autocast_adapter_dtype=False
+    )
+    factors = list(tucker_peft.tucker_parameters(model))
+    assert factors and {p.dtype for p in factors} == {torch.bfloat16}  # as LoRA's, not float32
+    args = _args(tmp_path, learning_rate=1e-2, max_steps=60, save_strategy="no")
+    trainer = Trainer(model=model, args=args, train_dataset=token_task(), callbacks=[TuckerLoraCallback()])
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs[-1]["loss"] < 0.3 * logs[0]["loss"]
+    assert set(tucker_peft.current_ranks(model).values()) != {(6, 6)}  # ranks adapted
+    layers = [layer for _, layer in tucker_peft.iter_tucker_layers(model)]
+    for layer in layers:  # the update kept the dtype through rank changes; bases orthonormal to bf16 precision
+        assert {p.dtype for p in [layer.core("default"), *layer.factors("default")]} == {torch.bfloat16}
+        for u in layer.factors("default"):
+            torch.testing.assert_close(u.float().T @ u.float(), torch.eye(u.shape[1]), atol=3e-2, rtol=0)
+
+    model.save_pretrained(tmp_path / "adapter")
+    batch = {k: torch.stack([r[k] for r in token_task(8)]) for k in ("input_ids", "attention_mask")}
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch).logits
+    for autocast, dtype in ((False, torch.bfloat16), (True, torch.float32)):
+        loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter", autocast_adapter_dtype=autocast)
+        assert {p.dtype for p in tucker_peft.tucker_parameters(loaded)} == {dtype}
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(**batch).logits, expected, atol=0 if not autocast else 2e-2, rtol=0)
+
+
 def test_fp16_grad_scaler_skips_overflow_for_the_factors():
     model, batch = loop_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)

@@ -255,6 +255,25 @@ class TuckerLoraModel(BaseTuner):
                 "trained on."
             )
 
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """Factors are made in float32; ``autocast_adapter_dtype=False`` gives them the base layer's dtype, as LoRA.
+
+        PEFT calls this after creating or loading an adapter (``get_peft_model``, ``add_adapter``, ``load_adapter``,
+        ``PeftModel.from_pretrained``), passing the user's ``autocast_adapter_dtype``.
+        """
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        if autocast_adapter_dtype:
+            return
+        for _, layer in iter_tucker_layers(self.model, adapter_name):
+            dtype = layer.get_base_layer().weight.dtype
+            if not dtype.is_floating_point:  # quantized base weights: keep float32, as LoRA does
+                continue
+            for name in layer.adapter_layer_names:
+                store = getattr(layer, name)
+                if adapter_name in store and store[adapter_name].dtype != dtype:
+                    param = store[adapter_name]
+                    store[adapter_name] = nn.Parameter(param.detach().to(dtype), requires_grad=param.requires_grad)
+
     # ------------------------------------------------------------------------------------------------------------
     # Saving and loading
     @classmethod

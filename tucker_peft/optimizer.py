@@ -575,8 +575,9 @@ class TuckerOptimizer(Optimizer):
             raise ValueError(
                 f"The Tucker factors of {len(half)} layers (e.g. {half[0]!r}) are stored in float16: Adam's second "
                 "moments underflow there and the adapter does not train. Keep the adapter in float32 (get_peft_model "
-                "creates it so, also on fp16 models; train in mixed precision with torch.autocast or the Trainer's "
-                "fp16=True rather than model.half()), or cast it back: for p in tucker_peft.tucker_parameters(model): "
+                "creates it so, also on fp16 models, unless autocast_adapter_dtype=False; train in mixed precision "
+                "with torch.autocast or the Trainer's fp16=True rather than model.half()), or cast it back: for p in "
+                "tucker_peft.tucker_parameters(model): "
                 "p.data = p.data.float(). (direction='sgd' steps float16 factors.)"
             )
         for name, layer in layers:
