@@ -63,7 +63,9 @@ def test_dreambooth_trains_saves_and_reloads(tiny_pipeline, tmp_path, method):
     from diffusers import StableDiffusionPipeline
 
     out = tmp_path / method
-    result = _train(tiny_pipeline, out, method)
+    # LoRA with alpha != rank (its scale must travel with diffusers' file, in the file's metadata), and on the text
+    # encoder too (the bf16 test below covers tucker's)
+    result = _train(tiny_pipeline, out, method, extra="--alpha 8 --train_text_encoder" if method == "lora" else "")
     assert result["steps"] == 4 and all(np.isfinite(result["loss_history"]))
     assert (out / "unet" / "adapter_model.safetensors").exists() and (out / "unet" / "adapter_config.json").exists()
     assert (out / "validation-000004.png").exists()
@@ -71,7 +73,9 @@ def test_dreambooth_trains_saves_and_reloads(tiny_pipeline, tmp_path, method):
         assert (out / "tucker_ranks.json").exists() and (out / "tucker_ranks.png").exists()
         ranks = json.loads((out / "unet" / "adapter_config.json").read_text())["module_ranks"]
         assert any("resnets.0.conv1" in k for k in ranks)  # 3x3 convolutions are adapted
-    trained = StableDiffusionPipeline.from_pretrained(tiny_pipeline, unet=result["unet"], safety_checker=None)
+    trained = StableDiffusionPipeline.from_pretrained(
+        tiny_pipeline, unet=result["unet"], text_encoder=result["text_encoder"], safety_checker=None
+    )
     expected = _generate(trained)
     fresh = tucker_peft.load_into_pipeline(
         StableDiffusionPipeline.from_pretrained(tiny_pipeline, safety_checker=None), str(out)
@@ -81,14 +85,16 @@ def test_dreambooth_trains_saves_and_reloads(tiny_pipeline, tmp_path, method):
     assert np.abs(base - expected).max() > 1e-4  # the adapter changes the images
     card = (out / "README.md").read_text()
     assert "base_model:" in card and '"a_photo_of_sks_dog"' in card
-    if method == "lora":
-        assert not (out / "pytorch_lora_weights.safetensors").exists()
-        return
-    # the exact LoRA form beside the Tucker adapters: diffusers alone loads it and gives the same image
+    # the LoRA form beside the PEFT adapters (for tucker: exact LoRA factors of its deltas), as diffusers' script
+    # writes it: diffusers alone loads it and gives the same image
     assert "load_lora_weights" in card
     plain = StableDiffusionPipeline.from_pretrained(tiny_pipeline, safety_checker=None)
     plain.load_lora_weights(str(out))
     np.testing.assert_allclose(_generate(plain), expected, atol=1e-4)
+    if method == "lora":  # and the text encoder's part of it mattered
+        unet_only = StableDiffusionPipeline.from_pretrained(tiny_pipeline, unet=result["unet"], safety_checker=None)
+        assert np.abs(_generate(unet_only) - expected).max() > 1e-3
+        return
     fused = tucker_peft.load_into_pipeline(
         StableDiffusionPipeline.from_pretrained(tiny_pipeline, safety_checker=None), str(out), fuse=True
     )

@@ -244,6 +244,23 @@ def generate_class_images(args, accelerator):
     del pipe
 
 
+def save_diffusers_lora(output_dir: str, unet, text_encoder=None) -> None:
+    """``output_dir/pytorch_lora_weights.safetensors`` for PEFT LoRA adapters, with their configs as metadata (the
+    alphas), so that ``pipe.load_lora_weights(output_dir)`` loads them with diffusers alone."""
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    parts = {"unet": unet, "text_encoder": text_encoder}
+    kwargs = {}
+    for part, model in parts.items():
+        if model is not None:
+            # PEFT's key names, which diffusers' loader reads as they are (its convert_state_dict_to_diffusers would
+            # rename only the attention layers' keys, and the loader then drops those: tested)
+            kwargs[f"{part}_lora_layers"] = get_peft_model_state_dict(model)
+            kwargs[f"{part}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
+    StableDiffusionPipeline.save_lora_weights(output_dir, **kwargs)
+
+
 def save_model_card(args, steps: int, ranks: dict | None) -> None:
     """``output_dir/README.md``, the model card of ``--push_to_hub``: base model, prompt, training and how to load."""
     base = args.pretrained_model_name_or_path
@@ -273,9 +290,9 @@ tags:
 Trained on the prompt `{args.instance_prompt}` for {steps} steps with tucker-peft's
 `examples/dreambooth/train_dreambooth_tucker.py`: {size}.
 """
-    if ranks:
-        text += f"""
-`pytorch_lora_weights.safetensors` holds the same deltas as exact LoRA factors, so diffusers loads them alone:
+    held = "the same deltas as exact LoRA factors" if ranks else "the LoRA adapters"
+    text += f"""
+`pytorch_lora_weights.safetensors` holds {held}, so diffusers loads them alone:
 
 ```python
 from diffusers import StableDiffusionPipeline
@@ -284,12 +301,12 @@ pipe = StableDiffusionPipeline.from_pretrained("{base}")
 pipe.load_lora_weights("<this folder or repository>")
 image = pipe("{args.instance_prompt}").images[0]
 ```
-
-`unet/` (and `text_encoder/`) hold the Tucker adapters themselves, to keep training them or to fuse them:
-`tucker_peft.load_into_pipeline(pipe, folder, fuse=False)`.
 """
+    if ranks:
+        text += "\n`unet/` (and `text_encoder/`) hold the Tucker adapters themselves, to keep training them or to "
+        text += "fuse them: `tucker_peft.load_into_pipeline(pipe, folder, fuse=False)`.\n"
     else:
-        text += "\n`unet/` (and `text_encoder/`) hold PEFT LoRA adapters: "
+        text += "\n`unet/` (and `text_encoder/`) hold the same adapters in PEFT's format: "
         text += "`tucker_peft.load_into_pipeline(pipe, folder)`.\n"
     with open(os.path.join(args.output_dir, "README.md"), "w") as f:
         f.write(text)
@@ -536,6 +553,12 @@ def main(argv=None):
             tucker_peft.save_rank_report(rank_history, tucker.ranks(), args.output_dir)
             # the same deltas as exact LoRA factors: pipe.load_lora_weights(output_dir) loads them without tucker-peft
             tucker_peft.export_lora(args.output_dir, args.output_dir, format="diffusers")
+        else:  # the LoRA baseline: the same file, through diffusers' own saver
+            save_diffusers_lora(
+                args.output_dir,
+                accelerator.unwrap_model(unet),
+                accelerator.unwrap_model(text_encoder) if args.train_text_encoder else None,
+            )
         save_model_card(args, global_step, tucker.ranks() if tucker else None)
         with open(os.path.join(args.output_dir, "loss_history.txt"), "w") as f:
             f.write("\n".join(f"{x:.6f}" for x in loss_history) + "\n")
