@@ -342,14 +342,27 @@ class TuckerLayer(BaseTunerLayer):
         return result
 
     def _adapter_delta(self, result: torch.Tensor, x: torch.Tensor, adapter: str) -> torch.Tensor:
-        """``result`` plus adapter ``adapter``'s output on ``x`` (its dropout, then the factored product)."""
-        x_a = self.tucker_dropout[adapter](x)
-        if not torch.is_autocast_enabled(x.device.type):
-            x_a = x_a.to(self.core(adapter).dtype)
-        return self._add_adapter(result, x_a, adapter)
+        """``result`` plus adapter ``adapter``'s output on ``x`` (its dropout, then the factored product).
+
+        Under ``torch.compile`` this runs outside the compiled graph: the factors change shape with every rank
+        change, and a graph is specialized to its parameters' shapes (one recompile per change, then eager for the
+        whole model once torch._dynamo's ``recompile_limit`` is reached). The base model stays compiled."""
+        if torch.compiler.is_compiling():
+            return _adapter_delta_outside_graph(self, result, x, adapter)
+        return _adapter_delta(self, result, x, adapter)
 
     def __repr__(self) -> str:
         return "tucker." + super().__repr__()
+
+
+def _adapter_delta(layer: TuckerLayer, result: torch.Tensor, x: torch.Tensor, adapter: str) -> torch.Tensor:
+    x_a = layer.tucker_dropout[adapter](x)
+    if not torch.is_autocast_enabled(x.device.type):
+        x_a = x_a.to(layer.core(adapter).dtype)
+    return layer._add_adapter(result, x_a, adapter)
+
+
+_adapter_delta_outside_graph = torch.compiler.disable(_adapter_delta)
 
 
 class Linear(nn.Module, TuckerLayer):
