@@ -150,6 +150,34 @@ def test_layers_to_transform_and_rank_pattern():
     assert value.scaling["default"] == pytest.approx(8.0 / 2)  # alpha / (that module's initial rank)
 
 
+def test_alpha_pattern_sets_the_scale_per_module_as_lora(tmp_path):
+    """LoRA's alpha_pattern: the module's scale is its alpha over its initial rank, as LoRA's with the same patterns;
+    it is saved, reloaded and carried into the LoRA export (same outputs with plain PEFT)."""
+    from peft import LoraConfig, PeftModel
+
+    patterns = dict(target_modules=["query", "value"], rank_pattern={"value": 2}, alpha_pattern={"value": 32})
+    model = get_peft_model(tiny_bert(), TuckerLoraConfig(init_weights=False, **patterns))
+    lora = get_peft_model(tiny_bert(), LoraConfig(r=8, lora_alpha=8, **patterns))
+    layer = model.base_model.model.bert.encoder.layer[0].attention.self
+    lora_layer = lora.base_model.model.bert.encoder.layer[0].attention.self
+    assert layer.value.scaling["default"] == lora_layer.value.scaling["default"] == 16.0
+    assert layer.query.scaling["default"] == lora_layer.query.scaling["default"] == 1.0
+    ids = torch.randint(0, 99, (2, 7))
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "tucker")
+    reloaded = PeftModel.from_pretrained(tiny_bert(), tmp_path / "tucker").eval()
+    assert reloaded.base_model.model.bert.encoder.layer[0].attention.self.value.scaling["default"] == 16.0
+    tucker_peft.export_lora(str(tmp_path / "tucker"), str(tmp_path / "lora"))
+    exported = PeftModel.from_pretrained(tiny_bert(), tmp_path / "lora").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected)
+        torch.testing.assert_close(exported(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"`alpha_pattern\['value'\]` must be a finite number > 0"):
+        TuckerLoraConfig(alpha_pattern={"value": 0})
+
+
 def test_default_targets_for_bert_cover_attention_and_ffn():
     model = get_peft_model(tiny_bert(), TuckerLoraConfig(task_type="SEQ_CLS"))
     names = set(tucker_peft.current_ranks(model))

@@ -125,6 +125,13 @@ class TuckerLoraConfig(PeftConfig):
             "scale is alpha / that rank. Example: {'^encoder.layer.0.attention.self.query': 4}."
         },
     )
+    alpha_pattern: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": "alpha per module name or regex, overriding alpha (like LoRA's alpha_pattern); the module's scale "
+            "is that alpha / its initial rank. Example: {'^encoder.layer.0.attention.self.query': 16}."
+        },
+    )
     module_ranks: dict = field(
         default_factory=dict,
         metadata={
@@ -217,8 +224,12 @@ class TuckerLoraConfig(PeftConfig):
             raise ValueError(f"`budget` must be None or a positive integer (adapter parameters); got {self.budget!r}.")
         if self.budget_schedule is not None:
             self.budget_schedule = check_budget_schedule(self.budget_schedule, self.budget)
-        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
-            raise ValueError(f"`alpha` must be a finite number > 0 (the scale is alpha / r); got {self.alpha!r}.")
+        for name, value in [
+            ("alpha", self.alpha),
+            *((f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items()),
+        ]:
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"`{name}` must be a finite number > 0 (the scale is alpha / r); got {value!r}.")
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"`dropout` must be a probability in [0, 1); got {self.dropout!r}.")
         if self.conv_mode not in CONV_MODES:

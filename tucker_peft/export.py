@@ -65,7 +65,7 @@ def read_tucker_adapter(directory: str) -> tuple[dict, dict[str, dict], dict[str
             raise ValueError(f"{directory}: the tensors of {name!r} do not form a Tucker adapter (core, U0, U1, ...).")
         entry["factors"] = [factors[i] for i in range(len(factors))]
         r = _pattern_value(config.get("rank_pattern") or {}, name, config["r"])
-        entry["scale"] = config["alpha"] / r
+        entry["scale"] = _pattern_value(config.get("alpha_pattern") or {}, name, config["alpha"]) / r
     return config, modules, others
 
 

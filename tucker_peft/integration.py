@@ -319,20 +319,20 @@ def _checkpoints_to_resume_from(args, state) -> list[str]:
 
 def _refuse_another_scale(folder: str, model: nn.Module, adapter_name: str) -> None:
     """A checkpoint's factors mean something only under its own scale ``alpha / r`` (per module with
-    ``rank_pattern``): refuse to continue from it under another one."""
+    ``rank_pattern`` / ``alpha_pattern``): refuse to continue from it under another one."""
     path = os.path.join(folder, "adapter_config.json")
     config = getattr(model, "peft_config", {}).get(adapter_name)
     if config is None or not os.path.isfile(path):
         return
     with open(path) as f:
         saved = json.load(f)
-    keys = ("r", "alpha", "rank_pattern")
+    keys = ("r", "alpha", "rank_pattern", "alpha_pattern")
     now = {k: getattr(config, k) for k in keys}
     before = {k: saved.get(k, now[k]) for k in keys}
     if before != now:
 
         def show(settings: dict) -> str:
-            return ", ".join(f"{k}={v}" for k, v in settings.items() if k != "rank_pattern" or v)
+            return ", ".join(f"{k}={v}" for k, v in settings.items() if not k.endswith("_pattern") or v)
 
         raise ValueError(
             f"Resuming would load the Tucker factors under another scale alpha / r: the checkpoint {folder} was "

@@ -222,9 +222,10 @@ class TuckerLoraModel(BaseTuner):
         if current_key is None:
             raise ValueError("Current Key shouldn't be `None`")
         r_key = get_pattern_key(config.rank_pattern.keys(), current_key)
+        alpha_key = get_pattern_key(config.alpha_pattern.keys(), current_key)
         kwargs = {
             "r": config.rank_pattern.get(r_key, config.r),
-            "alpha": config.alpha,
+            "alpha": config.alpha_pattern.get(alpha_key, config.alpha),
             "dropout": config.dropout,
             "conv_mode": config.conv_mode,
             "ranks": config.module_ranks.get(current_key),

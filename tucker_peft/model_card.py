@@ -49,7 +49,9 @@ def tucker_card_section(model: nn.Module, adapter_name: str, config: TuckerLoraC
         "",
         f"- Base model: `{base}`",
         f"- Target modules: `{targets}`",
-        f"- Adapted layers: {len(layers)}; conv mode: `{config.conv_mode}`; alpha: {config.alpha}; tau: {config.tau}",
+        f"- Adapted layers: {len(layers)}; conv mode: `{config.conv_mode}`; alpha: {config.alpha}"
+        + (f" (per module: `{config.alpha_pattern}`)" if config.alpha_pattern else "")
+        + f"; tau: {config.tau}",
     ]
     if all_ranks:
         lines.append(
