@@ -134,6 +134,7 @@ def test_autocast_adapter_dtype_false_trains_factors_in_the_base_dtype(tmp_path)
             torch.testing.assert_close(loaded(**batch).logits, expected, atol=0 if not autocast else 2e-2, rtol=0)
 
 
+@pytest.mark.slow
 def test_torch_compile_through_the_trainer_recompiles_nothing_when_ranks_change(tmp_path):
     """The Trainer's ``torch_compile=True``: the adapters run outside the compiled graphs, so a rank change costs no
     recompilation (before: one per change, and after torch._dynamo's recompile_limit of 8 the whole model ran eager;
