@@ -27,6 +27,10 @@ import statistics
 import time
 from datetime import date
 
+# every run compiles from scratch: inductor's on-disk caches would carry compiled graphs from one run to the next
+os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
+os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "0")
+
 import torch
 import torch._dynamo
 from peft import LoraConfig, get_peft_model
@@ -55,6 +59,7 @@ def model(layers: int):
 
 def run(method: str, compiled: bool, args) -> dict:
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # (reset() keeps the counters)
     g = torch.Generator().manual_seed(0)
     batches = [
         (

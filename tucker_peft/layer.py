@@ -356,6 +356,7 @@ class TuckerLayer(BaseTunerLayer):
 
 
 def _adapter_delta(layer: TuckerLayer, result: torch.Tensor, x: torch.Tensor, adapter: str) -> torch.Tensor:
+    """The body of :meth:`TuckerLayer._adapter_delta` (a function, so that ``torch.compiler.disable`` wraps it once)."""
     x_a = layer.tucker_dropout[adapter](x)
     if not torch.is_autocast_enabled(x.device.type):
         x_a = x_a.to(layer.core(adapter).dtype)
