@@ -237,6 +237,9 @@ def test_set_factors_resizes_in_place_and_keeps_parameter_identity():
         tucker.set_factors("default", torch.ones(3, 2), [u0[:, :2].detach(), u1[:, :2].detach()])
     with pytest.raises(ValueError, match="does not fit mode size"):
         tucker.set_factors("default", torch.ones(2, 2), [u0[:5, :2].detach(), u1[:, :2].detach()])
+    # a 2 x 1 core on a matrix: the loader would refuse its rank record, so it is refused here
+    with pytest.raises(ValueError, match=r"ranks \[2, 1\] are not Tucker ranks"):
+        tucker.set_factors("default", torch.ones(2, 1), [u0[:, :2].detach(), u1[:, :1].detach()])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -144,6 +144,12 @@ class TuckerLayer(BaseTunerLayer):
         for i, (param, new) in enumerate(zip(params, factors)):
             if new.dim() != 2 or new.shape[0] != param.shape[0]:
                 raise ValueError(f"factor {i} of shape {tuple(new.shape)} does not fit mode size {param.shape[0]}")
+        ranks, window = list(expected_core[: len(params)]), expected_core[len(params) :]
+        if valid_tucker_ranks(ranks, window) != ranks:
+            raise ValueError(
+                f"ranks {ranks} are not Tucker ranks (each at most the product of the others and the window {window}; "
+                "for a matrix, equal): saved, this adapter could not be loaded. Truncate the core by its HOSVD first."
+            )
         for param, new in zip([self.core(adapter_name), *params], [core, *factors]):
             # a fresh tensor with standard strides: kernels pick their algorithm by layout, and a saved and reloaded
             # adapter must compute bit-identically
