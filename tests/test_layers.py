@@ -270,6 +270,33 @@ def test_half_precision_base_keeps_fp32_factors(dtype):
     assert model32.base_model.model.layer.core("default").grad.dtype == torch.float32
 
 
+@pytest.mark.slow
+def test_torch_compile_keeps_the_adapters_in_the_graph_unless_an_update_resizes_them():
+    """Without the update (inference) the adapters compile with the model, in one graph; while a TuckerOptimizer
+    trains them (their shapes change with the ranks) they run outside it, a graph break at each adapted layer; after
+    ``release()`` they are compiled in again.  Outputs equal the eager ones throughout."""
+    import torch._dynamo
+
+    import tucker_peft
+
+    model = get_peft_model(tiny_bert(), TuckerLoraConfig(target_modules=["query", "value"], init_weights=False))
+    ids = torch.randint(0, 99, (2, 7))
+    compiled = torch.compile(model)
+    graphs = []
+    for stage in ("inference", "updated", "released"):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        if stage == "updated":
+            update = tucker_peft.TuckerOptimizer(model, lr=1e-3)
+        elif stage == "released":
+            update.release()
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(input_ids=ids).logits, model(input_ids=ids).logits)
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    # 4 adapted layers: one graph, then one break at each (the segments between them), then one graph again
+    assert graphs[0] == graphs[2] == 1 and graphs[1] > 4, graphs
+
+
 def test_merge_on_half_precision_base():
     torch.manual_seed(0)
     model = get_peft_model(

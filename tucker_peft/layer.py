@@ -72,6 +72,9 @@ class TuckerLayer(BaseTunerLayer):
 
     adapter_layer_names = ("tucker_core",) + tuple(f"tucker_U{i}" for i in range(MAX_MODES))
     other_param_names = ("r", "alpha", "scaling", "tucker_dropout")
+    #: set while a TuckerOptimizer (the geometric update) trains one of this layer's adapters, whose shapes then change
+    #: with the ranks: under ``torch.compile`` the adapters then run outside the compiled graph (:meth:`_adapter_delta`)
+    _ranks_adapt = False
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -350,10 +353,11 @@ class TuckerLayer(BaseTunerLayer):
     def _adapter_delta(self, result: torch.Tensor, x: torch.Tensor, adapter: str) -> torch.Tensor:
         """``result`` plus adapter ``adapter``'s output on ``x`` (its dropout, then the factored product).
 
-        Under ``torch.compile`` this runs outside the compiled graph: the factors change shape with every rank
-        change, and a graph is specialized to its parameters' shapes (one recompile per change, then eager for the
-        whole model once torch._dynamo's ``recompile_limit`` is reached). The base model stays compiled."""
-        if torch.compiler.is_compiling():
+        Under ``torch.compile``, while the update trains the layer, this runs outside the compiled graph: the factors
+        change shape with every rank change, and a graph is specialized to its parameters' shapes (one recompile per
+        change, then eager for the whole model once torch._dynamo's ``recompile_limit`` is reached). The base model
+        stays compiled; without an update (inference, merged or not) the adapter is compiled with it."""
+        if torch.compiler.is_compiling() and self._ranks_adapt:
             return _adapter_delta_outside_graph(self, result, x, adapter)
         return _adapter_delta(self, result, x, adapter)
 

@@ -622,6 +622,8 @@ class TuckerOptimizer(Optimizer):
         for group in self.param_groups:
             for param in group["params"]:
                 _OWNERS[param] = weakref.ref(self)
+        for layer in self._layers:
+            layer._ranks_adapt = True
         ensure_step_check()
         self.skipped_steps = 0
         self._groups: dict[tuple, _Groups] = {}  # by (sizes and ranks of a batch's layers, core dim, device, dtype)
@@ -754,6 +756,10 @@ class TuckerOptimizer(Optimizer):
             for param in group["params"]:
                 if _owner(param) is self:
                     del _OWNERS[param]
+        for layer in self._layers:  # (another adapter of the layer may still be trained by another update)
+            layer._ranks_adapt = any(
+                _owner(p) is not None for a in layer.tucker_core for p in (layer.core(a), *layer.factors(a))
+            )
 
     def check_active_adapter(self) -> None:
         """Refuse to step when another Tucker adapter that no TuckerOptimizer trains is active (after
