@@ -152,6 +152,7 @@ def test_torch_compile_through_the_trainer_recompiles_nothing_when_ranks_change(
 
     def run(compiled):
         torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()  # (reset() keeps the counts of earlier tests)
         model = get_peft_model(reproducible_bert(), TuckerLoraConfig(task_type="SEQ_CLS", r=6, tau=0.1))
         graphs = Graphs()
         args = _args(tmp_path, learning_rate=1e-2, max_steps=20, logging_steps=5, torch_compile=compiled)
