@@ -270,7 +270,6 @@ def test_half_precision_base_keeps_fp32_factors(dtype):
     assert model32.base_model.model.layer.core("default").grad.dtype == torch.float32
 
 
-@pytest.mark.slow
 def test_torch_compile_keeps_the_adapters_in_the_graph_unless_an_update_resizes_them():
     """Without the update (inference) the adapters compile with the model, in one graph; while a TuckerOptimizer
     trains them (their shapes change with the ranks) they run outside it, a graph break at each adapted layer; after
@@ -279,8 +278,10 @@ def test_torch_compile_keeps_the_adapters_in_the_graph_unless_an_update_resizes_
 
     import tucker_peft
 
-    model = get_peft_model(tiny_bert(), TuckerLoraConfig(target_modules=["query", "value"], init_weights=False))
-    ids = torch.randint(0, 99, (2, 7))
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
+    model = get_peft_model(mlp, TuckerLoraConfig(target_modules=["0", "2", "4"], r=4, init_weights=False))
+    x = torch.randn(5, 16)
     compiled = torch.compile(model)
     graphs = []
     for stage in ("inference", "updated", "released"):
@@ -291,10 +292,12 @@ def test_torch_compile_keeps_the_adapters_in_the_graph_unless_an_update_resizes_
         elif stage == "released":
             update.release()
         with torch.no_grad():
-            torch.testing.assert_close(compiled(input_ids=ids).logits, model(input_ids=ids).logits)
-        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
-    # 4 adapted layers: one graph, then one break at each (the segments between them), then one graph again
-    assert graphs[0] == graphs[2] == 1 and graphs[1] > 4, graphs
+            torch.testing.assert_close(compiled(x), model(x))
+        counters = torch._dynamo.utils.counters
+        breaks = sum(n for reason, n in counters["graph_break"].items() if "_adapter_delta" in reason)
+        graphs.append((counters["stats"]["unique_graphs"], breaks))
+    # (graphs, breaks at an adapter): one graph, then a break at each of the 3 adapted layers, then one graph again
+    assert graphs[0] == graphs[2] == (1, 0) and graphs[1][1] >= 3, graphs
 
 
 def test_merge_on_half_precision_base():
