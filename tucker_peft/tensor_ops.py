@@ -106,11 +106,14 @@ def weighted_tucker_sum(
         block[tuple(slice(o, o + r) for o, r in zip(offsets, core.shape[:d]))] = weight * core.to(work)
         offsets = [o + r for o, r in zip(offsets, core.shape[:d])]
     core = multi_mode_dot(block, rs, range(d))
-    kept = []
+    bases, counts = [], []
     for i in range(d):
         u, sigma, _ = torch.linalg.svd(unfold(core, i), full_matrices=False)
         count = int((sigma > 1e-10 * sigma[0]).sum()) if sigma[0] > 0 else 1
-        kept.append(u[:, : max(1, min(count, max_rank or count))])
+        bases.append(u)
+        counts.append(max(1, min(count, max_rank or count)))
+    # (counts at round-off may differ between modes, e.g. a matrix's two: keep ranks a Tucker core can have)
+    kept = [u[:, :rank] for u, rank in zip(bases, valid_tucker_ranks(counts, core.shape[d:]))]
     core = multi_mode_dot(core, [u.T for u in kept], range(d))
     return core, [q @ u for q, u in zip(qs, kept)]
 
