@@ -6,9 +6,10 @@ the comparisons the README reports are collected here, with the runs each one us
     .venv/bin/python benchmarks/glue/paired.py      # prints the table, writes results/glue_paired.json
 
 Every comparison pairs a tucker method with a baseline on the same task, data, schedule and seed (``run.py``'s
-full profile), and gives both methods' mean +- std over the seeds, their dev loss, their final adapter
-parameters, and the paired difference of the task metric (mean +- its standard error, the t statistic, and on how
-many seeds tucker is ahead). Add a comparison to ``COMPARISONS`` when new runs land.
+full profile; and full fine-tuning with LoRA r = 8, how far above LoRA any method gets at this profile), and gives
+both methods' mean +- std over the seeds, their dev loss, their final trainable parameters, and the paired
+difference of the task metric (mean +- its standard error, the t statistic, and on how many seeds the method is
+ahead). Add a comparison to ``COMPARISONS`` when new runs land.
 """
 
 from __future__ import annotations
@@ -63,15 +64,30 @@ SOURCES = {
         "rte": [("glue_full_dynamics_rte.json", "lora_r2", None)],
         "stsb": [(f"glue_full_dynamics_stsb{part}.json", "lora_r2", None) for part in ("", "1", "2")],
     },
+    # full fine-tuning (all 22.7M parameters, AdamW at its tuned 1e-4): how far above LoRA r = 8 any method gets
+    "full": {
+        "sst2": [
+            ("glue_tuning_full_ft.json", "full", 1e-4),
+            ("glue_full_ft_sst2.json", "full", None),
+            ("glue_full_ft_sst2_seeds_3_11.json", "full", None),
+        ],
+        "mrpc": [("glue_full_ft_mrpc.json", "full", None)],
+    },
 }
-#: (task, tucker method, baseline)
-COMPARISONS = [
-    (task, "tucker_sched", baseline) for task in ("sst2", "mrpc", "stsb") for baseline in ("lora", "lora_r4")
-] + [
-    (task, method, baseline)
-    for task, method in (("sst2", "tucker"), ("mrpc", "tucker"), ("stsb", "tucker"), ("rte", "tucker_fp32_step"))
-    for baseline in ("lora", "lora_r2")
-]
+#: (task, method, baseline): a tucker method against a baseline, and full fine-tuning against LoRA r = 8
+COMPARISONS = (
+    [(task, "tucker_sched", baseline) for task in ("sst2", "mrpc", "stsb") for baseline in ("lora", "lora_r4")]
+    + [
+        (task, method, baseline)
+        for task, method in (("sst2", "tucker"), ("mrpc", "tucker"), ("stsb", "tucker"), ("rte", "tucker_fp32_step"))
+        for baseline in ("lora", "lora_r2")
+    ]
+    + [
+        (task, method, baseline)
+        for task in ("sst2", "mrpc")
+        for method, baseline in (("full", "lora"), ("tucker_sched", "full"))
+    ]
+)
 
 
 def load_runs(method: str, task: str) -> dict[int, dict]:
@@ -151,8 +167,8 @@ def main() -> None:
             indent=2,
         )
     print(
-        "| task | tucker | baseline | seeds | tucker mean ± std | baseline mean ± std | paired diff (points) | t | "
-        "tucker ahead | dev loss diff | params ratio | std ratio |"
+        "| task | method | baseline | seeds | method mean ± std | baseline mean ± std | paired diff (points) | t | "
+        "method ahead | dev loss diff | params ratio | std ratio |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:

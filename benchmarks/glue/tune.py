@@ -28,7 +28,7 @@ import run as bench  # noqa: E402
 
 GRID = ["1e-3", "5e-4", "5e-3", "2e-3"]
 DEFAULT_OUT = os.path.join(bench.ROOT, "benchmarks", "results", "glue_tuning.json")
-BASE = {m: bench.METHODS[m] for m in ("tucker", "lora", "lora_r2", "lora_r4", "adalora")}  # without the learning rate
+BASE = {m: bench.METHODS[m] for m in ("tucker", "lora", "lora_r2", "lora_r4", "adalora", "full")}  # without the lr
 
 
 def _worker(
