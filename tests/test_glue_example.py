@@ -443,7 +443,7 @@ def test_paired_comparisons_of_the_committed_results_cover_their_seeds():
 
     for task, method, baseline in paired.COMPARISONS:
         row = paired.compare(task, method, baseline)
-        full = "full" in (method, baseline)  # full fine-tuning: twelve seeds on SST-2, three on MRPC
+        full = "full" in (method, baseline)  # full fine-tuning: twelve seeds on SST-2, three on MRPC, STS-B
         twelve = task == "sst2" if full else method == "tucker_sched" and task in ("sst2", "mrpc")
         assert row["seeds"] == list(range(12 if twelve else 3)), (task, method, baseline)
         if method == "tucker_sched":  # the budget: 0.45x LoRA r = 8's parameters, 0.9x LoRA r = 4's
