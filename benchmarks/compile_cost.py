@@ -1,8 +1,8 @@
 """``torch.compile`` with rank-adaptive adapters: recompilations and step time against LoRA, compiled and eager.
 
 The update changes the factors' shapes whenever a rank changes, and a compiled graph is specialized to its
-parameters' shapes.  tucker-peft therefore runs the adapters outside the compiled graphs (a graph break at each
-adapted layer; ``TuckerLayer._adapter_delta``) and compiles the base model.  This measures, for MiniLM's width (hidden
+parameters' shapes.  While the update trains them, tucker-peft therefore runs the adapters outside the compiled
+graphs (a graph break at each adapted layer; ``TuckerLayer._adapter_delta``) and compiles the base model.  This measures, for MiniLM's width (hidden
 384, intermediate 1536, 12 heads, ``--layers`` layers; random weights from the config, no download), adapters on the
 6 attention and feed-forward linears of every layer, batch ``--batch`` x ``--seq``, lr 2e-3 (constant), r = 8:
 
