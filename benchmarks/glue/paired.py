@@ -182,8 +182,13 @@ def main() -> None:
             f"{p['ahead']} of {len(r['seeds'])}"
             + (f" ({p['level']} level)" if p["level"] else "")
             + f" | {p['dev_loss_diff_mean']:+.4f} ± {p['dev_loss_diff_se']:.4f} | "
-            f"{p['params_ratio']:.2f}x | {p['std_ratio']:.2f}x |"
+            f"{_ratio(p['params_ratio'])} | {_ratio(p['std_ratio'])} |"
         )
+
+
+def _ratio(value: float) -> str:
+    """Two decimals, or two significant digits below 0.1 (0.0066x, not 0.01x)."""
+    return f"{value:.2f}x" if value >= 0.1 else f"{value:.2g}x"
 
 
 if __name__ == "__main__":
